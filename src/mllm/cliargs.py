@@ -1,0 +1,291 @@
+"""Turn a pydantic config class into a Typer command's flags, so each option is declared once.
+
+Every field of a config (nested models flattened) becomes `--field-name`, with the field's
+description as help and its default shown; booleans get `--x/--no-x`. Values come, in increasing
+priority, from the field defaults, `--config FILE` (YAML or TOML), then the flags actually given.
+The merged dict is validated by the config class; a validation error exits with code 2 and one
+line naming the flag. Core functions then receive a checked config and never see the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import traceback
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+
+import typer
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from mllm.console import err_console, set_quiet
+from mllm.errors import MllmError, UsageError
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One config field as a command-line flag."""
+
+    path: tuple[str, ...]  # where the value goes in the config, e.g. ("model", "d_model")
+    flag: str  # e.g. "--d-model"
+    annotation: Any  # the field's Python type
+    field: FieldInfo
+
+    @property
+    def param_name(self) -> str:
+        return "_".join(self.path)
+
+
+def _is_model(tp: Any) -> bool:
+    return inspect.isclass(tp) and issubclass(tp, BaseModel)
+
+
+def flag_specs(config_cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[FlagSpec]:
+    """All leaf fields of a config class (nested models flattened) as flags."""
+    specs: list[FlagSpec] = []
+    for name, field in config_cls.model_fields.items():
+        if _is_model(field.annotation):
+            specs.extend(flag_specs(field.annotation, (*prefix, name)))
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flag = str(extra.get("flag") or "--" + name.replace("_", "-"))
+        specs.append(FlagSpec((*prefix, name), flag, field.annotation, field))
+    return specs
+
+
+def _strip_optional(tp: Any) -> Any:
+    """`X | None` -> X (the CLI uses None for "flag not given")."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _default_text(field: FieldInfo) -> str | bool:
+    value = field.get_default(call_default_factory=True)
+    if value is None or value == [] or value is ...:
+        return False
+    if isinstance(value, bool):
+        return False  # typer shows the --x/--no-x pair; the help says the default
+    return str(value)
+
+
+def _typer_parameter(spec: FlagSpec, positional: bool) -> inspect.Parameter:
+    tp = _strip_optional(spec.annotation)
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    help_text = spec.field.description or ""
+    kwargs: dict[str, Any] = {"help": help_text, "show_default": _default_text(spec.field)}
+    origin = get_origin(tp)
+    if origin is list:
+        cli_type = list[get_args(tp)[0]]
+        kwargs["metavar"] = "TEXT"
+    elif tp is bool:
+        default = spec.field.default
+        help_text += f" [default: {'on' if default else 'off'}]"
+        kwargs["help"] = help_text
+        cli_type = bool
+    else:
+        cli_type = tp  # Literal[...] becomes a choice; Path, int, float, str as they are
+    if positional:
+        info = typer.Argument(help=help_text, show_default=False)
+    elif tp is bool:
+        name = spec.flag.removeprefix("--")
+        info = typer.Option(f"--{name}/--no-{name}", **kwargs)
+    else:
+        info = typer.Option(spec.flag, **kwargs)
+    return inspect.Parameter(
+        spec.param_name,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=None,
+        annotation=Annotated[typing.Optional[cli_type], info],  # noqa: UP045 - typer needs it
+    )
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict; JSON is YAML too."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # the parsers raise their own error types
+        raise UsageError(f"config file {path} does not parse: {e}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of option names to values")
+    return data
+
+
+def _nest_file_values(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """Accept kebab-case keys, and nested fields given flat (`d_model: 384` for model.d_model)."""
+    specs = {spec.path[-1]: spec.path for spec in flag_specs(config_cls)}
+    nested: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key in config_cls.model_fields:
+            field_type = config_cls.model_fields[key].annotation
+            if _is_model(field_type) and isinstance(value, dict):
+                value = _nest_file_values(field_type, value)
+                nested.setdefault(key, {}).update(value)
+            else:
+                nested[key] = value
+        elif key in specs:
+            _set_path(nested, specs[key], value)
+        else:
+            nested[key] = value  # unknown: the config class rejects it with a clear message
+    return nested
+
+
+def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+
+
+def build_config(
+    config_cls: type[ConfigT],
+    flag_values: dict[tuple[str, ...], Any],
+    config_file: Path | None = None,
+    positional: tuple[str, ...] = (),
+) -> ConfigT:
+    """Merge defaults < config file < flags and validate; errors become one-line UsageErrors."""
+    values = _nest_file_values(config_cls, load_config_file(config_file)) if config_file else {}
+    for path, value in flag_values.items():
+        _set_path(values, path, value)
+    try:
+        return config_cls.model_validate(values)
+    except ValidationError as e:
+        raise UsageError(describe_validation_error(config_cls, e, positional)) from None
+
+
+def describe_validation_error(
+    config_cls: type[BaseModel], error: ValidationError, positional: tuple[str, ...] = ()
+) -> str:
+    """The first problem of a ValidationError as one line naming the flag, e.g.
+    `--top-p: Input should be less than or equal to 1 (got 1.5)`."""
+    first = error.errors()[0]
+    loc = tuple(str(part) for part in first["loc"] if not isinstance(part, int))
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown option {'.'.join(loc)!r} (see --help for the options)"
+    flags = {spec.path: spec.flag for spec in flag_specs(config_cls)}
+    flags.update({(name,): name.upper() for name in positional})
+    flag = flags.get(loc, "")  # a whole-model check (loc () or ("model",)) names its fields itself
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or got is None or first["type"] == "missing" else got
+    suffix = f" (got {shown!r})" if shown != "" else ""
+    return f"{flag}: {message}{suffix}" if flag else message
+
+
+def report_error_and_exit(error: BaseException, debug: bool) -> typing.NoReturn:
+    """Print one clear line on stderr (a traceback with --debug) and exit with the right code."""
+    if debug:
+        traceback.print_exception(error)
+    if isinstance(error, MllmError):
+        err_console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        raise typer.Exit(error.exit_code)
+    if isinstance(error, KeyboardInterrupt):
+        err_console.print("interrupted")
+        raise typer.Exit(130)
+    err_console.print(
+        f"[red]error:[/red] unexpected {type(error).__name__}: {error} "
+        "(run again with --debug for the traceback)",
+        markup=True,
+        highlight=False,
+    )
+    raise typer.Exit(1)
+
+
+def config_command(
+    app: typer.Typer,
+    config_cls: type[ConfigT],
+    *,
+    name: str,
+    positional: tuple[str, ...] = (),
+    help: str | None = None,
+) -> Callable[[Callable[[ConfigT], Any]], Callable[[ConfigT], Any]]:
+    """Register `fn(config)` as command `name`, with one flag per field of `config_cls`.
+
+    `positional` names fields taken as positional arguments (e.g. generate's prompt).
+    Adds `--config FILE`, `--quiet/-q` and `--debug` to every command.
+    """
+    specs = flag_specs(config_cls)
+
+    def decorate(fn: Callable[[ConfigT], Any]) -> Callable[[ConfigT], Any]:
+        params = [_typer_parameter(s, s.path[-1] in positional) for s in specs]
+        params.sort(key=lambda p: 0 if p.name in positional else 1)
+        params += [
+            inspect.Parameter(
+                "config_file",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[
+                    typing.Optional[Path],  # noqa: UP045
+                    typer.Option("--config", help="YAML or TOML file of options; flags win."),
+                ],
+            ),
+            inspect.Parameter(
+                "quiet",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=False,
+                annotation=Annotated[
+                    bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")
+                ],
+            ),
+            inspect.Parameter(
+                "debug",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=False,
+                annotation=Annotated[bool, typer.Option("--debug", help="Show tracebacks.")],
+            ),
+        ]
+
+        def command(**kwargs: Any) -> None:
+            debug = bool(kwargs.pop("debug"))
+            set_quiet(bool(kwargs.pop("quiet")))
+            config_file = kwargs.pop("config_file")
+            flag_values = {
+                spec.path: kwargs[spec.param_name]
+                for spec in specs
+                if kwargs.get(spec.param_name) is not None
+            }
+            try:
+                config = build_config(config_cls, flag_values, config_file, positional)
+                fn(config)
+            except (MllmError, KeyboardInterrupt) as e:
+                report_error_and_exit(e, debug)
+            except typer.Exit:
+                raise
+            except Exception as e:
+                report_error_and_exit(e, debug)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__name__ = fn.__name__
+        command.__doc__ = help or fn.__doc__
+        app.command(name=name)(command)
+        return functools.wraps(fn)(fn)
+
+    return decorate

@@ -1,0 +1,241 @@
+"""Validated configs, one per command, plus the ModelConfig they share.
+
+Each field's description is also its `--flag` help text (see cliargs.py), and each field name is
+the flag's name in kebab-case, so a config file, a flag and the saved config use the same words.
+Constraints live here, so a bad value fails before any work starts, with exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_DATA_DIR = Path("data")
+DEFAULT_RUN_DIR = Path("runs/default")
+
+DeviceName = Annotated[
+    Literal["auto", "cuda", "mps", "cpu"],
+    Field(description="Device: auto picks cuda > mps > cpu."),
+]
+DataDir = Annotated[
+    Path,
+    Field(description="Folder holding corpus.txt, tokenizer.json, train.bin, val.bin, data.json."),
+]
+RunDir = Annotated[Path, Field(description="Folder of one training run (checkpoints, metrics).")]
+CheckpointPath = Annotated[
+    Path | None,
+    Field(description="A checkpoint folder to use (default: the run's best, else its latest)."),
+]
+TokenizerPath = Annotated[
+    Path | None,
+    Field(description="tokenizer.json to use (default: the one saved in the run dir)."),
+]
+
+
+class CommandConfig(BaseModel):
+    """Base of every command's config: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(CommandConfig):
+    """`mllm corpus`: stream public text into corpus.txt, one document per line."""
+
+    data_dir: DataDir = DEFAULT_DATA_DIR
+    output: Path | None = Field(
+        None, description="corpus.txt to write (default: DATA_DIR/corpus.txt)."
+    )
+    source: list[str] = Field(
+        default_factory=list,
+        description="Replace or add a source: NAME=PATH (file, folder or glob of .txt/.raw/.jsonl/"
+        ".json/.parquet) or NAME=HUB_ID[:CONFIG]. Repeatable.",
+    )
+    ratio: list[str] = Field(
+        default_factory=list,
+        description="Mixture weights: W1:W2:... in source order (default 4:4:2 for wikitext, "
+        "fineweb, tinystories), or NAME=W per source. Repeatable.",
+    )
+    max_lines: int = Field(
+        10_000_000, gt=0, description="Total documents to write, split by the ratio."
+    )
+    min_chars: int = Field(64, ge=0, description="Drop documents shorter than this (characters).")
+    seed: int = Field(42, description="Seed of the shuffle buffer and the interleaving.")
+    shuffle_buffer: int = Field(
+        10_000, ge=1, description="Documents held per source for shuffling."
+    )
+
+
+class TokenizeConfig(CommandConfig):
+    """`mllm tokenize`: train a byte-level BPE tokenizer on corpus.txt."""
+
+    data_dir: DataDir = DEFAULT_DATA_DIR
+    corpus: Path | None = Field(
+        None, description="corpus.txt to read (default: DATA_DIR/corpus.txt)."
+    )
+    output: Path | None = Field(
+        None, description="tokenizer.json to write (default: DATA_DIR/tokenizer.json)."
+    )
+    vocab_size: int = Field(
+        16_000,
+        ge=257,
+        le=2**32,
+        description="Exact vocabulary size, special tokens included (at least 256 bytes + 1).",
+    )
+    max_bytes: int | None = Field(None, gt=0, description="Read at most this many bytes of corpus.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair count for a merge.")
+
+
+class PackConfig(CommandConfig):
+    """`mllm pack`: encode corpus.txt into train.bin / val.bin token streams plus data.json."""
+
+    data_dir: DataDir = DEFAULT_DATA_DIR
+    corpus: Path | None = Field(
+        None, description="corpus.txt to read (default: DATA_DIR/corpus.txt)."
+    )
+    tokenizer: Path | None = Field(
+        None, description="tokenizer.json to use (default: DATA_DIR/tokenizer.json)."
+    )
+    output_dir: Path | None = Field(
+        None, description="Folder for train.bin, val.bin, data.json (default: DATA_DIR)."
+    )
+    val_fraction: float = Field(0.01, gt=0, lt=1, description="Fraction of documents held out.")
+    seed: int = Field(42, description="Seed of the document-level train/val split.")
+    workers: int | None = Field(None, ge=1, description="Encoding threads (default: all cores).")
+    dtype: Literal["auto", "uint16", "uint32"] = Field(
+        "auto", description="Token dtype of the bins (auto: uint16 when the vocab fits)."
+    )
+
+
+class ModelConfig(CommandConfig):
+    """Shape of the decoder-only GPT. Saved in every checkpoint; resume refuses a change."""
+
+    vocab_size: int | None = Field(
+        None, ge=2, description="Vocabulary size (default: data.json's vocab_size)."
+    )
+    context: int = Field(1024, ge=1, description="Context length: the position table's size.")
+    d_model: int = Field(1024, ge=1, description="Width of the residual stream.")
+    layers: int = Field(16, ge=1, description="Number of transformer blocks.")
+    heads: int = Field(16, ge=1, description="Attention heads (d_model must divide by it).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residuals.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """SwiGLU hidden size: 4·d·2/3 (same parameters as a 4·d GELU MLP), rounded up to 64."""
+        hidden = (4 * self.d_model * 2) // 3
+        return -(-hidden // 64) * 64
+
+
+class TrainConfig(CommandConfig):
+    """`mllm train`: train the GPT on train.bin, evaluating on val.bin."""
+
+    data_dir: DataDir = DEFAULT_DATA_DIR
+    run_dir: RunDir = DEFAULT_RUN_DIR
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    batch_size: int = Field(16, ge=1, description="Sequences per step per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to train (default 5000 unless --max-tokens)."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Token budget instead of --max-steps (rounded up to whole steps)."
+    )
+    stride: int | None = Field(
+        None, ge=1, description="Ordered windows at this stride (default: random windows)."
+    )
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(6e-5, ge=0, description="Learning rate at the end of the cosine.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: off).")
+    eval_interval: int = Field(500, ge=1, description="Steps between validation evaluations.")
+    eval_batches: int = Field(20, ge=1, description="Batches per validation evaluation.")
+    ckpt_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept (plus the best by val loss).")
+    log_interval: int = Field(10, ge=1, description="Steps between metrics.jsonl records.")
+    seed: int = Field(1337, description="Seed of initialisation and data order.")
+    device: DeviceName = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Precision: auto picks bf16 where the hardware has it, else fp16/fp32."
+    )
+    compile: bool = Field(True, description="torch.compile the model.")
+    resume: bool = Field(False, description="Continue from the run dir's latest checkpoint.")
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class EvalConfig(CommandConfig):
+    """`mllm eval`: loss, perplexity and bits per byte of a checkpoint on a packed split."""
+
+    run_dir: RunDir = DEFAULT_RUN_DIR
+    checkpoint: CheckpointPath = None
+    data_dir: DataDir = DEFAULT_DATA_DIR
+    split: str = Field("val", description="val, train, or the path of any packed .bin.")
+    max_tokens: int | None = Field(None, ge=1, description="Evaluate only the first N tokens.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+    device: DeviceName = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Precision of the forward pass."
+    )
+    json_output: bool = Field(
+        False,
+        description="Print one JSON object on stdout instead of a table.",
+        json_schema_extra={"flag": "--json"},
+    )
+
+
+class SamplingConfig(CommandConfig):
+    """How tokens are drawn; shared by `generate` and the values `serve` accepts per request."""
+
+    max_new_tokens: int = Field(200, ge=1, description="Tokens to generate per sample.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature (0: greedy).")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass, in (0, 1].")
+    seed: int | None = Field(None, description="Seed for reproducible samples.")
+    stop: list[str] = Field(default_factory=list, description="Stop at this string. Repeatable.")
+
+
+class GenerateConfig(SamplingConfig):
+    """`mllm generate`: stream text from a trained checkpoint."""
+
+    prompt: str = Field(..., min_length=1, description="Text to continue.")
+    run_dir: RunDir = DEFAULT_RUN_DIR
+    checkpoint: CheckpointPath = None
+    tokenizer: TokenizerPath = None
+    num_samples: int = Field(1, ge=1, description="Independent samples to draw.")
+    device: DeviceName = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Precision of decoding (auto: fastest measured for the device)."
+    )
+
+
+class ServeConfig(CommandConfig):
+    """`mllm serve`: an OpenAI-compatible completions API over a trained checkpoint."""
+
+    run_dir: RunDir = DEFAULT_RUN_DIR
+    checkpoint: CheckpointPath = None
+    tokenizer: TokenizerPath = None
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    max_batch_size: int = Field(16, ge=1, description="Requests decoded together at most.")
+    device: DeviceName = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Precision of decoding (auto: fastest measured for the device)."
+    )

@@ -1,0 +1,115 @@
+"""Atomic file writes: a killed step never leaves a file a later step takes for complete.
+
+Every artifact is written to a temporary file in the same folder, flushed and fsynced, then
+renamed over its final name (rename within one filesystem is atomic on POSIX and Windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from mllm.errors import MllmError
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a no-op where the OS cannot open folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(path: Path) -> Path:
+    """A fresh temporary path beside `path` (same folder, so a rename onto `path` is atomic)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing that replaces `path` only if the block succeeds.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed and `path` is left
+    as it was.
+    """
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    tmp = temp_path_for(path)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write `obj` as indented JSON (with a final newline) to `path` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Read a JSON file, turning a missing or corrupt file into one clear MllmError.
+
+    `what` names the artifact in the message (e.g. "data.json").
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MllmError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MllmError(f"{what} is not valid JSON: {path} ({e})") from None
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (files may be larger than RAM)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_writable_dir(folder: str | os.PathLike[str]) -> Path:
+    """Create `folder` if needed and check we can write in it, or raise one clear MllmError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MllmError(f"cannot create folder {folder}: {e.strerror or e}") from None
+    if not folder.is_dir():
+        raise MllmError(f"not a folder: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MllmError(f"folder is not writable: {folder}")
+    return folder

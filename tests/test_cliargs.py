@@ -1,0 +1,87 @@
+"""The config -> flags machinery every command uses: merging, validation, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mllm.cliargs import build_config, flag_specs
+from mllm.config import GenerateConfig, ModelConfig, TrainConfig
+from mllm.errors import UsageError
+
+
+def test_nested_model_fields_become_flat_flags() -> None:
+    flags = {spec.flag: spec.path for spec in flag_specs(TrainConfig)}
+    assert flags["--d-model"] == ("model", "d_model")
+    assert flags["--batch-size"] == ("batch_size",)
+    assert "--model" not in flags
+
+
+def test_flags_override_config_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("d-model: 128\nheads: 4\nlr: 0.001\nmodel:\n  layers: 3\n")
+    cfg = build_config(TrainConfig, {("lr",): 0.002}, cfg_file)
+    assert cfg.model.d_model == 128 and cfg.model.heads == 4 and cfg.model.layers == 3
+    assert cfg.lr == 0.002
+
+
+def test_toml_config_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('prompt = "hi"\ntop_k = 5\n')
+    cfg = build_config(GenerateConfig, {}, cfg_file)
+    assert cfg.prompt == "hi" and cfg.top_k == 5
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({("model", "d_model"): 100, ("model", "heads"): 3}, "divisible by heads"),
+        ({("lr",): -1.0}, "--lr:"),
+        ({("min_lr",): 1.0, ("lr",): 0.1}, "min_lr"),
+    ],
+)
+def test_bad_values_are_one_line_usage_errors(flags: dict, expected: str) -> None:
+    with pytest.raises(UsageError) as info:
+        build_config(TrainConfig, flags)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_unknown_key_in_config_file_is_named(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("bogus: 1\n")
+    with pytest.raises(UsageError, match="bogus"):
+        build_config(TrainConfig, {}, cfg_file)
+
+
+def test_missing_and_unparsable_config_file(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        build_config(TrainConfig, {}, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is = = not toml")
+    with pytest.raises(UsageError, match="does not parse"):
+        build_config(TrainConfig, {}, bad)
+
+
+def test_ffn_hidden_is_two_thirds_of_four_d_rounded_to_64() -> None:
+    assert ModelConfig(d_model=384, heads=6).ffn_hidden == 1024
+    assert ModelConfig(d_model=1024, heads=16).ffn_hidden == 2752
+
+
+def test_cli_bad_flag_exits_2_with_one_line(run_cli) -> None:
+    result = run_cli("train", "--d-model", "100", "--heads", "3")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "divisible" in result.stderr
+    result = run_cli("train", "--lr", "abc")
+    assert result.returncode == 2 and "--lr" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_cli_help_lists_commands(run_cli) -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("corpus", "tokenize", "pack", "train", "eval", "generate", "serve"):
+        assert command in result.stdout
