@@ -1,0 +1,1 @@
+"""The data pipeline: corpus.txt -> tokenizer.json -> train.bin / val.bin / data.json."""
