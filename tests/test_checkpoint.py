@@ -1,0 +1,71 @@
+"""Checkpoint layout: atomic folders, best/latest lookup, retention, weights round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm import checkpoint as ckpt
+from mllm.config import ModelConfig
+from mllm.errors import MllmError
+from mllm.model import GPT
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=50, context=16, d_model=16, layers=1, heads=2))
+
+
+def state_for(model: GPT, step: int) -> dict:
+    return {"step": step, "model_config": model.config.model_dump(), "data": {}}
+
+
+def test_write_then_load_gives_the_same_logits(tmp_path: Path) -> None:
+    model = tiny_model()
+    path = ckpt.write_checkpoint(tmp_path, 3, model, state_for(model, 3), {"x": 1})
+    assert path.name == "step_000003"
+    assert not any(p.name.startswith(".tmp") for p in path.parent.iterdir())
+    loaded = ckpt.load_checkpoint(path)
+    idx = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(idx), model.eval()(idx))
+    assert loaded.config == model.config
+
+
+def test_best_else_latest_and_retention(tmp_path: Path) -> None:
+    model = tiny_model()
+    for step in (1, 2, 3, 4):
+        path = ckpt.write_checkpoint(tmp_path, step, model, state_for(model, step))
+        if step == 2:
+            ckpt.mark_best(tmp_path, path, val_loss=1.0)
+    assert ckpt.find_checkpoint(tmp_path).name == "step_000002"
+    deleted = ckpt.prune_checkpoints(tmp_path, keep_last=1)
+    assert sorted(p.name for p in deleted) == ["step_000001", "step_000003"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000002", "step_000004"]
+    (tmp_path / "checkpoints" / "best.json").unlink()
+    assert ckpt.find_checkpoint(tmp_path).name == "step_000004"
+
+
+def test_incomplete_folders_are_ignored(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints" / "step_000009").mkdir(parents=True)  # no state.json: a crash
+    (tmp_path / "checkpoints" / ".tmp-step_000010").mkdir()
+    assert ckpt.list_checkpoints(tmp_path) == []
+    with pytest.raises(MllmError, match="no checkpoint"):
+        ckpt.find_checkpoint(tmp_path)
+
+
+def test_missing_run_dir_and_bad_checkpoint_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(MllmError, match="does not exist"):
+        ckpt.find_checkpoint(tmp_path / "nope")
+    with pytest.raises(MllmError, match="not a checkpoint"):
+        ckpt.find_checkpoint(tmp_path, tmp_path)
+
+
+def test_mismatched_weights_are_refused(tmp_path: Path) -> None:
+    model = tiny_model()
+    path = ckpt.write_checkpoint(tmp_path, 1, model, state_for(model, 1))
+    other = GPT(ModelConfig(vocab_size=50, context=16, d_model=16, layers=2, heads=2))
+    with pytest.raises(MllmError, match="does not match"):
+        ckpt.load_weights(path, other)
