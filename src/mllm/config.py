@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_DATA_DIR = Path("data")
 DEFAULT_RUN_DIR = Path("runs/default")
@@ -49,22 +49,36 @@ class CorpusConfig(CommandConfig):
     )
     source: list[str] = Field(
         default_factory=list,
-        description="Replace or add a source: NAME=PATH (file, folder or glob of .txt/.raw/.jsonl/"
-        ".json/.parquet) or NAME=HUB_ID[:CONFIG]. Repeatable.",
+        description="Replace or add a source: NAME=PATH (file, folder or glob; .jsonl/.json/"
+        ".parquet rows with a 'text' column, any other file plain text) or NAME=HUB_ID[:CONFIG]. "
+        "Repeatable.",
     )
     ratio: list[str] = Field(
         default_factory=list,
         description="Mixture weights: W1:W2:... in source order (default 4:4:2 for wikitext, "
-        "fineweb, tinystories), or NAME=W per source. Repeatable.",
+        "fineweb, tinystories; added sources follow), and/or NAME=W per source. Repeatable.",
     )
     max_lines: int = Field(
         10_000_000, gt=0, description="Total documents to write, split by the ratio."
     )
-    min_chars: int = Field(64, ge=0, description="Drop documents shorter than this (characters).")
+    min_chars: int = Field(
+        64, ge=0, description="Drop documents shorter than this many characters (normalised)."
+    )
     seed: int = Field(42, description="Seed of the shuffle buffer and the interleaving.")
     shuffle_buffer: int = Field(
         10_000, ge=1, description="Documents held per source for shuffling."
     )
+
+    @field_validator("source", "ratio", mode="before")
+    @classmethod
+    def _one_value_is_a_list(cls, value: object) -> object:
+        """A config file may give one source or ratio as a plain string. An unquoted YAML 4:4:2
+        arrives as a number (YAML 1.1 reads it in base 60), which would be silently wrong."""
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError('give it as a quoted string, e.g. ratio: "4:4:2"')
+        return value
 
 
 class TokenizeConfig(CommandConfig):
