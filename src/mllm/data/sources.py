@@ -19,6 +19,7 @@ literal string as its end-of-text token.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -313,14 +314,32 @@ def split_at_separators(text: str) -> list[str]:
     return SEPARATOR_RE.split(text) if ("\x00" in text or "<|" in text) else [text]
 
 
+@contextlib.contextmanager
+def _streaming_without_torch() -> Iterator[None]:
+    """Build `datasets` streams without importing torch (2 s): an IterableDataset imports it only
+    to share its epoch counter with DataLoader workers, and these streams never meet torch."""
+    from datasets import config
+
+    torch_available = config.TORCH_AVAILABLE
+    config.TORCH_AVAILABLE = False
+    try:
+        yield
+    finally:
+        config.TORCH_AVAILABLE = torch_available
+
+
+def _load_stream(path: str, **kwargs: Any) -> Any:
+    """`datasets.load_dataset(path, streaming=True, ...)`: the one way every source is read."""
+    import datasets
+
+    with _streaming_without_torch():
+        return datasets.load_dataset(path, streaming=True, **kwargs)
+
+
 def _hub_documents(spec: SourceSpec, layouts: dict[str, str], batch_size: int) -> Iterator[str]:
     assert spec.hub is not None
     try:
-        import datasets
-
-        dataset = datasets.load_dataset(
-            spec.hub.repo_id, spec.hub.config, split=DEFAULT_SPLIT, streaming=True
-        )
+        dataset = _load_stream(spec.hub.repo_id, name=spec.hub.config, split=DEFAULT_SPLIT)
         rows = _texts(dataset, batch_size, where=f"hub dataset {spec.hub}")
         yield from _documents(spec, rows, "rows", None, layouts, str(spec.hub))
     except MllmError:
@@ -349,13 +368,9 @@ def _file_documents(
 ) -> Iterator[str]:
     """One local file's documents, read through `datasets` like a hub dataset. Each file is its
     own stream, so no document runs from the end of one file into the next."""
-    import datasets
-
     builder = ROW_FORMATS.get(path.suffix.lower(), "text")
     try:
-        dataset = datasets.load_dataset(
-            builder, data_files=[str(path)], split="train", streaming=True
-        )
+        dataset = _load_stream(builder, data_files=[str(path)], split="train")
         rows = _texts(dataset, batch_size, where=f"file {path}")
         yield from _documents(spec, rows, builder, path, layouts, str(path))
     except MllmError:
@@ -406,7 +421,8 @@ def _texts(dataset: Any, batch_size: int, where: str) -> Iterator[str]:
             "only a 'text' column is read"
         )
     if columns is not None and len(columns) > 1:
-        dataset = dataset.select_columns([TEXT_COLUMN])
+        with _streaming_without_torch():
+            dataset = dataset.select_columns([TEXT_COLUMN])
     for batch in dataset.iter(batch_size=batch_size):
         if TEXT_COLUMN not in batch:
             raise MllmError(f"{where} has no {TEXT_COLUMN!r} column (columns: {', '.join(batch)})")
