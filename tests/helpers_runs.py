@@ -89,8 +89,10 @@ def write_tiny_run(
     heads: int = 4,
     seed: int = 0,
     step: int = 1,
+    zero_weights: bool = False,
 ) -> Path:
-    """A run dir with one checkpoint of a random tiny GPT over the tokenizer's vocab."""
+    """A run dir with one checkpoint of a random tiny GPT over the tokenizer's vocab (every
+    weight zero with `zero_weights`: its prediction is then uniform over the vocab)."""
     tokenizer = load_test_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size()
     config = ModelConfig(
@@ -98,6 +100,9 @@ def write_tiny_run(
     )
     torch.manual_seed(seed)
     model = GPT(config)
+    if zero_weights:
+        for param in model.parameters():
+            torch.nn.init.zeros_(param)
     state = {
         "step": step,
         "model_config": config.model_dump(),

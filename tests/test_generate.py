@@ -1,0 +1,248 @@
+"""`mllm generate`: cached decoding equals full recomputation, sampling options, streaming CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers_runs import (
+    EOT,
+    load_test_tokenizer,
+    train_tiny_tokenizer,
+    write_tiny_run,
+)
+from mllm.checkpoint import load_checkpoint
+from mllm.cli import app
+from mllm.config import ModelConfig
+from mllm.generate import Decoder, fit_prompt, generate_ids, slide_keep
+from mllm.model import GPT
+from mllm.sampling import SamplingParams
+from mllm.textstream import TextStream, token_byte_table
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def tiny_gpt(context: int = 16, seed: int = 0, dtype: torch.dtype = torch.float64) -> GPT:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=97, context=context, d_model=32, layers=2, heads=4)
+    return GPT(config).to(dtype).eval()
+
+
+def greedy_by_full_recompute(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
+    """The reference: no cache, the whole window through the model for every token, with the
+    documented window policy (the last `context` tokens of the prompt; once the context is full,
+    slide to the last `slide_keep(context)` tokens)."""
+    context = model.config.context
+    tokens, start, out = list(prompt), max(0, len(prompt) - context), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            if len(tokens) - start > context:
+                start = len(tokens) - slide_keep(context)
+            logits = model(torch.tensor([tokens[start:]]))[0, -1]
+            out.append(int(logits.argmax()))
+            tokens.append(out[-1])
+    return out
+
+
+def greedy_with_cache(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
+    decoder = Decoder(model)
+    return list(generate_ids(decoder, fit_prompt(prompt, model.config.context), GREEDY, new_tokens))
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "new_tokens"),
+    [(1, 12), (5, 40), (16, 30), (45, 25)],  # short; sliding several times; full; longer than C
+)
+def test_cached_greedy_equals_full_recompute(prompt_len: int, new_tokens: int) -> None:
+    model = tiny_gpt()
+    prompt = torch.randint(0, 97, (prompt_len,), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.tolist()
+    assert greedy_with_cache(model, prompt, new_tokens) == greedy_by_full_recompute(
+        model, prompt, new_tokens
+    )
+
+
+def test_each_cached_step_gives_the_full_forward_logits() -> None:
+    model = tiny_gpt(dtype=torch.float32)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+    decoder = Decoder(model, batch_size=2)
+    logits = [decoder.prefill(ids[:, :3])]
+    logits += [decoder.step(ids[:, position]) for position in range(3, 16)]
+    torch.testing.assert_close(torch.stack(logits[:-1], 1), full[:, 2:15], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="cache is full"):
+        decoder.step(ids[:, 0])
+
+
+def test_slide_keeps_three_quarters_of_the_context() -> None:
+    assert [slide_keep(c) for c in (1, 2, 4, 16, 256, 1024)] == [1, 1, 3, 12, 192, 768]
+    assert fit_prompt([1, 2, 3, 4, 5], 3) == [3, 4, 5]
+
+
+def test_end_of_text_ends_the_sample_and_is_not_yielded() -> None:
+    model = tiny_gpt()
+    first = greedy_with_cache(model, [1, 2, 3], 1)[0]
+    assert list(generate_ids(Decoder(model), [1, 2, 3], GREEDY, 10, eot_id=first)) == []
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy() -> None:
+    model = tiny_gpt()
+    params = SamplingParams(temperature=1.0)
+
+    def draw(seed: int, sampling: SamplingParams = params) -> list[int]:
+        gen = torch.Generator().manual_seed(seed)
+        return list(generate_ids(Decoder(model), [5, 6], sampling, 20, gen))
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+    greedy = greedy_with_cache(model, [5, 6], 20)
+    assert draw(3, SamplingParams(temperature=2.0, top_k=1)) == greedy
+    assert draw(3, SamplingParams(temperature=2.0, top_p=1e-6)) == greedy
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir with two checkpoints (step 1 and, latest, step 2) of random tiny GPTs."""
+    root = tmp_path_factory.mktemp("gen")
+    tokenizer = train_tiny_tokenizer(root / "tokenizer.json")
+    run_dir = root / "run"
+    write_tiny_run(run_dir, tokenizer, seed=1, step=1)
+    write_tiny_run(run_dir, tokenizer, seed=2, step=2)
+    return run_dir
+
+
+def expected_greedy_text(checkpoint: Path, prompt: str, new_tokens: int, stop=()) -> str:
+    """What greedy decoding of `checkpoint` prints after the prompt, computed in-process."""
+    loaded = load_checkpoint(checkpoint)
+    tokenizer = load_test_tokenizer(checkpoint.parent.parent / "tokenizer.json")
+    ids = generate_ids(
+        Decoder(loaded.model),
+        fit_prompt(tokenizer.encode(prompt).ids, loaded.config.context),
+        GREEDY,
+        new_tokens,
+        eot_id=tokenizer.token_to_id(EOT),
+    )
+    stream = TextStream(token_byte_table(tokenizer), stop)
+    text = ""
+    for token in ids:
+        text += stream.push(token)
+        if stream.stopped:
+            break
+    return text + stream.finish()
+
+
+def test_cli_streams_prompt_and_greedy_text_to_stdout(run_cli, run: Path) -> None:
+    result = run_cli(
+        "generate", "Once upon a time", "--run-dir", run, "--temperature", "0",
+        "--max-new-tokens", "30", "--device", "cpu", "--dtype", "fp32",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = expected_greedy_text(run / "checkpoints/step_000002", "Once upon a time", 30)
+    assert result.stdout == "Once upon a time" + expected + "\n"
+    assert "step_000002" in result.stderr and "tokens/s" in result.stderr
+
+
+def invoke(*args: object):
+    """The CLI in-process (much faster than a subprocess; stdout and stderr kept apart)."""
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def one_line(text: str) -> str:
+    """Error text with the terminal's wrapping undone."""
+    return " ".join(text.split())
+
+
+def test_cli_checkpoint_stop_and_quiet(run: Path) -> None:
+    step1 = run / "checkpoints/step_000001"
+    full = expected_greedy_text(step1, "The fox", 40)
+    stop = full[10:13]
+    assert stop and stop in full
+    result = invoke(
+        "generate", "The fox", "--run-dir", run, "--checkpoint", step1, "--temperature", "0",
+        "--max-new-tokens", "40", "--stop", "never-there", "--stop", stop, "--quiet",
+        "--dtype", "fp32",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "The fox" + full[: full.index(stop)] + "\n"
+    assert result.stderr == ""
+
+
+def test_cli_max_new_tokens_and_latest_checkpoint(run: Path) -> None:
+    result = invoke("generate", "The fox", "--run-dir", run, "--temperature", "0",
+                    "--max-new-tokens", "7", "--dtype", "fp32")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    expected = expected_greedy_text(run / "checkpoints/step_000002", "The fox", 7)
+    assert result.stdout == "The fox" + expected + "\n"
+    assert "7 tokens" in result.stderr
+
+
+def test_cli_seeded_samples_are_reproducible(run: Path) -> None:
+    args = ("generate", "The fox", "--run-dir", run, "--seed", "7", "--top-k", "50")
+    args += ("--top-p", "0.9", "--temperature", "1.3", "--max-new-tokens", "15", "-q")
+    two = invoke(*args, "--num-samples", "2")
+    one = invoke(*args, "--num-samples", "1")
+    assert two.exit_code == 0 and one.exit_code == 0, two.stderr + one.stderr
+    samples = two.stdout.split("---\n")
+    assert len(samples) == 2 and all(s.startswith("The fox") for s in samples)
+    assert samples[0] == one.stdout  # sample 1 does not depend on --num-samples
+    assert samples[0] != samples[1]
+
+
+def test_cli_long_prompt_is_cut_with_a_warning_and_bf16_runs(run: Path) -> None:
+    prompt = "the fox runs and jumps " * 30  # far more tokens than the context of 32
+    result = invoke(
+        "generate", prompt, "--run-dir", run, "--max-new-tokens", "40", "--dtype", "bf16",
+        "--device", "cpu", "--seed", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "longer than the model's context" in one_line(result.stderr)
+    assert result.stdout.startswith(prompt)
+
+
+def test_cli_tokenizer_override(run: Path, tmp_path: Path) -> None:
+    same = tmp_path / "same.json"
+    shutil.copyfile(run / "tokenizer.json", same)
+    other = train_tiny_tokenizer(tmp_path / "other.json", vocab_size=280)
+    ok = invoke("generate", "Hi", "--run-dir", run, "--tokenizer", same, "--max-new-tokens", "3")
+    assert ok.exit_code == 0, ok.stderr
+    bad = invoke("generate", "Hi", "--run-dir", run, "--tokenizer", other)
+    assert bad.exit_code == 1
+    assert bad.stderr.startswith("error:") and bad.stdout == ""
+    assert "is not the one this model was trained with" in one_line(bad.stderr)
+
+
+def test_cli_missing_run_dir_is_one_clear_error(tmp_path: Path) -> None:
+    result = invoke("generate", "Hi", "--run-dir", tmp_path / "nope")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error:") and "does not exist" in one_line(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--temperature", "-0.5"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--top-k", "-1"], "--top-k"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--num-samples", "0"], "--num-samples"),
+    ],
+)
+def test_invalid_sampling_values_exit_2(args: list[str], flag: str, tmp_path: Path) -> None:
+    result = invoke("generate", "Hi", "--run-dir", tmp_path, *args)
+    assert result.exit_code == 2
+    assert flag in result.output
+
+
+def test_empty_prompt_exits_2(tmp_path: Path) -> None:
+    result = invoke("generate", "", "--run-dir", tmp_path)
+    assert result.exit_code == 2
+    assert "PROMPT" in result.output
