@@ -120,6 +120,9 @@ class PackConfig(CommandConfig):
     dtype: Literal["auto", "uint16", "uint32"] = Field(
         "auto", description="Token dtype of the bins (auto: uint16 when the vocab fits)."
     )
+    force: bool = Field(
+        False, description="Re-encode even when data.json shows the bins are up to date."
+    )
 
 
 class ModelConfig(CommandConfig):

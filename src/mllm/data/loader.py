@@ -25,7 +25,12 @@ class TokenWindows:
         self.dtype = np.dtype(dtype)
         self.context = context
         self._tokens: np.memmap | None = None  # opened lazily: once per process / worker
-        size = self.path.stat().st_size
+        if context < 1:
+            raise MllmError(f"context must be at least 1 (got {context})")
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise MllmError(f"{self.path} not found: run `mllm pack` first") from None
         if size % self.dtype.itemsize:
             raise MllmError(f"{self.path} is not a whole number of {self.dtype.name} tokens")
         self.n_tokens = size // self.dtype.itemsize
@@ -66,8 +71,13 @@ class TokenWindows:
         return index * stride
 
     def gather(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) int64 tensors of shape (len(starts), context) in one vectorised index."""
+        """(x, y) int64 tensors of shape (len(starts), context) in one vectorised index.
+
+        Both are contiguous (so `.view(-1)` works on them) and y is x shifted by one token.
+        """
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        if starts.size and (starts.min() < 0 or starts.max() > self.max_start):
+            raise IndexError(f"window starts must lie in [0, {self.max_start}] for {self.path}")
         offsets = np.arange(self.context + 1, dtype=np.int64)
         windows = np.asarray(self.tokens[starts[:, None] + offsets[None, :]], dtype=np.int64)
-        batch = torch.from_numpy(windows)
-        return batch[:, :-1], batch[:, 1:]
+        return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
