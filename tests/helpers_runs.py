@@ -50,14 +50,21 @@ def load_test_tokenizer(path: Path):
     return Tokenizer.from_file(str(path))
 
 
-def write_data_dir(data_dir: Path, tokenizer_path: Path, texts: list[str] | None = None) -> dict:
-    """Pack `texts` (each followed by <|endoftext|>) into train.bin and val.bin (the same tokens)
-    with a data.json, the way `mllm pack` lays them out; returns data.json's contents."""
+def write_data_dir(
+    data_dir: Path,
+    tokenizer_path: Path,
+    texts: list[str] | None = None,
+    ids: list[int] | None = None,
+) -> dict:
+    """Pack `texts` (each followed by <|endoftext|>), or exactly the token `ids`, into train.bin
+    and val.bin (the same tokens) with a data.json, the way `mllm pack` lays them out; returns
+    data.json's contents."""
     tokenizer = load_test_tokenizer(tokenizer_path)
     eot_id = tokenizer.token_to_id(EOT)
-    ids: list[int] = []
-    for text in texts or SAMPLE_TEXTS:
-        ids += [*tokenizer.encode(text).ids, eot_id]
+    if ids is None:
+        ids = []
+        for text in texts or SAMPLE_TEXTS:
+            ids += [*tokenizer.encode(text).ids, eot_id]
     data_dir.mkdir(parents=True, exist_ok=True)
     tokens = np.asarray(ids, dtype=np.uint16)
     for name in ("train", "val"):
