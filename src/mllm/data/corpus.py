@@ -78,7 +78,7 @@ class SourceCounts:
 class SeenHashes:
     """A set of 64-bit document hashes in one flat table (open addressing, linear probing).
 
-    A Python set of 10M ints costs ~900 MB (a 32-byte int object plus ~50 bytes of table per
+    A Python set of 10M ints costs ~800 MB (a 32-byte int object plus ~50 bytes of table per
     entry); this costs 8 bytes per slot, at most 70% full: 128 MiB for 10M documents, allocated
     lazily by the OS (an anonymous mmap) so small corpora touch only a few pages. A false
     duplicate needs two different documents with the same 64-bit hash: about n²/2⁶⁵, 3·10⁻⁶ for
