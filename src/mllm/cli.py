@@ -54,7 +54,8 @@ def _root(
 
 @config_command(app, CorpusConfig, name="corpus")
 def corpus(config: CorpusConfig) -> None:
-    """Build corpus.txt (one document per line) from streamed Hugging Face datasets."""
+    """Build corpus.txt (one document per line) from streamed Hugging Face datasets or local
+    files (--source NAME=PATH)."""
     from mllm.data.corpus import build_corpus
 
     build_corpus(config)
