@@ -251,7 +251,17 @@ class ServeConfig(CommandConfig):
     tokenizer: TokenizerPath = None
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
-    max_batch_size: int = Field(16, ge=1, description="Requests decoded together at most.")
+    max_batch_size: int = Field(
+        16, ge=1, description="Sequences decoded together at most (more wait their turn)."
+    )
+    model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="Model id clients pass as `model` (default: the run dir's name).",
+    )
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body accepted (larger: HTTP 413)."
+    )
     device: DeviceName = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Precision of decoding (auto: fastest measured for the device)."

@@ -1,0 +1,320 @@
+"""Continuous batching: one thread decodes every running sequence together, one token per step.
+
+`mllm serve` turns each completion choice into a `Sequence` and `submit`s it. The engine's thread
+loops:
+
+1. admit waiting sequences while there are free rows: each is prefilled alone (batch 1) straight
+   into its row of one shared, preallocated KV cache (sequences with the same prompt, such as the
+   `n` choices of one request, share a single prefill), and its first token is sampled;
+2. decode one token for all running rows at once: rows hold prompts of different lengths, so each
+   row passes its own position (`GPT.forward` with a per-row `start_pos`);
+3. hand each row's token to its `TextStream` (complete UTF-8 only, stop strings held back), send
+   the text that is ready, and retire rows that finished (end-of-text token, stop string,
+   max_tokens) or whose client went away (`cancel`).
+
+Rows stay packed at the front of the cache (a retiring row's slot receives the last row), so a
+step runs exactly `len(rows)` rows. At batch 1 a CPU decode step is dominated by reading the
+weights, so a step of 8 rows costs little more than a step of 1: concurrent requests share it.
+
+Each row samples with its own torch.Generator, so a seeded sequence draws the same tokens
+whatever else is in the batch. Events go back through the `emit` callback each sequence carries
+(serve.py hands them to the request's asyncio queue); the engine never blocks on a client.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from mllm.model import GPT, KVCache
+from mllm.sampling import SamplingParams, sample_next
+from mllm.textstream import TextStream
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of a sequence, ready to show."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The sequence ended: `stop` (end-of-text token or a stop string) or `length` (max_tokens)."""
+
+    reason: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Decoding raised; the sequence is over."""
+
+    message: str
+
+
+Event = TextDelta | Finished | Failed
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion to generate (one choice of one prompt)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    emit: Callable[[Event], None]  # called on the engine thread; must not block
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    prompt_key: object = None  # sequences with the same key have the same prompt: one prefill
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop decoding this sequence (its client left); its row is freed at the next step."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class Row:
+    """A running sequence and its place in the cache."""
+
+    sequence: Sequence
+    text: TextStream
+    generator: torch.Generator | None
+    length: int  # tokens already in this row's cache
+    next_token: int = 0  # the token to feed at position `length`
+    generated: int = 0
+    finished: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Counters for /health and the benchmark."""
+
+    steps: int = 0
+    rows_decoded: int = 0  # sum of batch sizes over steps
+    sequences_finished: int = 0
+    sequences_cancelled: int = 0
+    waiting: int = 0
+    running: int = 0
+
+
+class Engine:
+    """The decode loop thread and its queue of waiting sequences."""
+
+    def __init__(
+        self,
+        model: GPT,
+        token_bytes: Seq[bytes],
+        eot_id: int | None,
+        max_batch_size: int,
+    ) -> None:
+        self.model = model
+        self.eot_id = eot_id
+        self.max_batch_size = max_batch_size
+        self.context = model.config.context
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache(model.config, max_batch_size, device=self.device, dtype=param.dtype)
+        # Every id the model can produce maps to bytes (ids past the tokenizer's vocab: none).
+        vocab = model.token_embedding.num_embeddings
+        self.token_bytes = list(token_bytes) + [b""] * max(0, vocab - len(token_bytes))
+        self.stats = EngineStats()
+        self._rows: list[Row] = []
+        self._waiting: deque[Sequence] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mllm-decode", daemon=True)
+
+    # -- the API serve.py uses (any thread) ----------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the current step and end the thread; waiting sequences are dropped."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def submit(self, sequences: Seq[Sequence]) -> None:
+        """Queue sequences for decoding (they start as rows free up, in order)."""
+        for sequence in sequences:
+            if len(sequence.prompt_ids) + sequence.max_tokens > self.context:
+                raise ValueError("prompt plus max_tokens exceeds the context")
+        with self._wakeup:
+            self._waiting.extend(sequences)
+            self.stats.waiting = len(self._waiting)
+            self._wakeup.notify()
+
+    # -- the decode thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not (self._stopping or self._waiting or self._rows):
+                        self._wakeup.wait()
+                    if self._stopping:
+                        return
+                    admitted = self._take_waiting()
+                self._admit(admitted)
+                self._retire_rows()  # rows that ended on their first token
+                if self._rows:
+                    try:
+                        self._step()
+                    except Exception as error:
+                        self._fail(self._rows, error)
+                self._retire_rows()
+
+    def _take_waiting(self) -> list[Sequence]:
+        free = self.max_batch_size - len(self._rows)
+        admitted: list[Sequence] = []
+        while self._waiting and len(admitted) < free:
+            sequence = self._waiting.popleft()
+            if sequence.cancelled:
+                self.stats.sequences_cancelled += 1
+            else:
+                admitted.append(sequence)
+        self.stats.waiting = len(self._waiting)
+        return admitted
+
+    def _fail(self, rows: list[Row], error: Exception) -> None:
+        """Decoding raised (e.g. out of memory): end `rows` with the error, keep serving."""
+        message = f"decoding failed: {type(error).__name__}: {error}"
+        for row in rows:
+            if not row.finished:
+                row.finished = True
+                self._send(row.sequence, Failed(message))
+
+    def _admit(self, sequences: list[Sequence]) -> None:
+        """Prefill each new sequence into the next free row and take its first token."""
+        shared: tuple[object, int, torch.Tensor] | None = None  # (prompt key, slot, logits)
+        for sequence in sequences:
+            row = Row(sequence, TextStream(self.token_bytes, sequence.stop), None, 0)
+            row.generator = self._generator_for(sequence)
+            self._rows.append(row)
+            try:
+                shared = self._start_row(row, len(self._rows) - 1, shared)
+            except Exception as error:
+                self._fail([row], error)
+
+    def _start_row(
+        self, row: Row, slot: int, shared: tuple[object, int, torch.Tensor] | None
+    ) -> tuple[object, int, torch.Tensor]:
+        """Fill the row's cache with its prompt (copied from a row with the same prompt when this
+        admission round has one) and sample its first token; returns what later rows may share."""
+        prompt, key = row.sequence.prompt_ids, row.sequence.prompt_key
+        if shared is not None and key is not None and shared[0] is key:
+            self._copy_slot(shared[1], slot, len(prompt))
+            logits = shared[2]
+        else:
+            logits = self._prefill(prompt, slot)
+            shared = (key, slot, logits)
+        row.length = len(prompt)
+        token = sample_next(logits[None], [row.sequence.params], [row.generator])
+        self._accept(row, int(token[0]))
+        return shared
+
+    def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
+        """Run the prompt through the model into cache row `slot`; the last position's logits."""
+        tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits = self.model(tokens, 0, self._cache_rows(slot, slot + 1), last_only=True)
+        return logits[0, -1]
+
+    def _step(self) -> None:
+        """One token for every running row, all rows in one forward pass."""
+        rows = self._rows
+        tokens = torch.tensor([[row.next_token] for row in rows], device=self.device)
+        starts = torch.tensor([row.length for row in rows], device=self.device)
+        logits = self.model(tokens, starts, self._cache_rows(0, len(rows)), last_only=True)
+        next_tokens = sample_next(
+            logits[:, -1], [row.sequence.params for row in rows], [row.generator for row in rows]
+        ).tolist()
+        self.stats.steps += 1
+        self.stats.rows_decoded += len(rows)
+        for row, token in zip(rows, next_tokens, strict=True):
+            row.length += 1
+            self._accept(row, token)
+
+    def _accept(self, row: Row, token: int) -> None:
+        """A newly sampled token: send its text, or end the row."""
+        row.generated += 1
+        if token == self.eot_id:
+            self._finish(row, "stop")
+            return
+        text = row.text.push(token)
+        if text:
+            self._send(row.sequence, TextDelta(text))
+        if row.text.stopped:
+            self._finish(row, "stop")
+        elif row.generated >= row.sequence.max_tokens:
+            self._finish(row, "length")
+        else:
+            row.next_token = token
+
+    def _finish(self, row: Row, reason: str) -> None:
+        rest = row.text.finish()
+        if rest:
+            self._send(row.sequence, TextDelta(rest))
+        row.finished = True
+        self.stats.sequences_finished += 1
+        self._send(row.sequence, Finished(reason, row.generated))
+
+    def _send(self, sequence: Sequence, event: Event) -> None:
+        if sequence.cancelled:
+            return
+        try:
+            sequence.emit(event)
+        except Exception:  # the receiver is gone (e.g. its event loop closed): stop decoding
+            sequence.cancel()
+
+    def _retire_rows(self) -> None:
+        """Drop finished and cancelled rows, moving the last row into each freed slot."""
+        slot = 0
+        while slot < len(self._rows):
+            row = self._rows[slot]
+            if not (row.finished or row.sequence.cancelled):
+                slot += 1
+                continue
+            if not row.finished:
+                self.stats.sequences_cancelled += 1
+            last = len(self._rows) - 1
+            if slot != last:
+                moved = self._rows[last]
+                self._copy_slot(last, slot, moved.length)
+                self._rows[slot] = moved
+            self._rows.pop()
+        self.stats.running = len(self._rows)
+
+    # -- cache rows ----------------------------------------------------------------------------
+
+    def _cache_rows(self, start: int, stop: int) -> KVCache:
+        """A view of cache rows start..stop as a KVCache (writes go to the shared cache)."""
+        view = copy.copy(self.cache)
+        view.keys = [keys[start:stop] for keys in self.cache.keys]
+        view.values = [values[start:stop] for values in self.cache.values]
+        return view
+
+    def _copy_slot(self, source: int, target: int, length: int) -> None:
+        for tensors in (self.cache.keys, self.cache.values):
+            for layer in tensors:
+                layer[target, :, :length] = layer[source, :, :length]
+
+    def _generator_for(self, sequence: Sequence) -> torch.Generator | None:
+        """The row's own random stream: the request's seed, else a fresh random one."""
+        if sequence.params.temperature == 0:
+            return None
+        seed = sequence.seed if sequence.seed is not None else secrets.randbits(63)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed % 2**64)
+        return generator

@@ -1,0 +1,237 @@
+"""The OpenAI Completions API as pydantic models: what `mllm serve` accepts and returns.
+
+Field names, defaults and shapes follow the published API reference (POST /v1/completions,
+GET /v1/models), so the `openai` client and tools built on it work unchanged. Validation is strict
+(a string is not an integer, `true` is not a number) and unknown fields are refused, as the
+API does. Fields the model cannot honour (`logprobs`, `echo`, `suffix`, `best_of` other than `n`,
+`logit_bias`, penalties) are refused by `unsupported_field` rather than ignored, so a client never
+gets a result that silently differs from what it asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_MAX_TOKENS = 16  # the API's default when max_tokens is absent
+MAX_CHOICES = 128  # prompts x n per request (the API caps n at 128)
+MAX_STOP_STRINGS = 4  # the API allows up to 4 stop sequences
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class ApiError(Exception):
+    """An error answered with the API's error object: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """The API's error object."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    include_usage: bool = Field(
+        False, description="Send a last chunk with the usage counts (and no choices)."
+    )
+
+
+class CompletionRequest(BaseModel):
+    """Body of POST /v1/completions. None means "the API's default" for every optional field."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str = Field(..., description="The served model's id (see GET /v1/models).")
+    prompt: Any = Field(
+        ...,
+        description="A string, a list of strings, a list of token ids or a list of such lists.",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens to generate at most (default 16, or what is left of the context).",
+    )
+    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy (default 1).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1).")
+    top_k: int | None = Field(None, ge=0, description="Extension: keep the k likeliest (0: off).")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Completions per prompt.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the text.")
+    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    stream: bool | None = Field(None, description="Send server-sent events as tokens arrive.")
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="An end-user id; accepted and not used.")
+    # Accepted only at the values that mean "off": the model cannot honour anything else.
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Prompt:
+        return check_prompt_shape(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        if any(stop == "" for stop in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_prompt_shape(value: Any) -> Prompt:
+    """The prompt as one of the API's four shapes, none of them empty."""
+    shapes = "a string, a list of strings, a list of token ids or a list of token id lists"
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("the prompt must not be empty")
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"the prompt must be {shapes}")
+    if not value:
+        raise ValueError("the prompt list must not be empty")
+    if all(isinstance(item, str) for item in value):
+        if any(not item for item in value):
+            raise ValueError("prompts must not be empty strings")
+        return value
+    if all(_is_token_id(item) for item in value):
+        return value
+    if all(isinstance(item, list) and all(_is_token_id(t) for t in item) for item in value):
+        if any(not item for item in value):
+            raise ValueError("token id lists must not be empty")
+        return value
+    raise ValueError(f"the prompt must be {shapes}")
+
+
+def unsupported_field(request: CompletionRequest) -> ApiError | None:
+    """A 400 for the first field set to something this server cannot do, else None."""
+    refusals: list[tuple[str, bool, str]] = [
+        ("logprobs", request.logprobs is not None, "logprobs are not supported (omit the field)"),
+        ("echo", bool(request.echo), "echo is not supported (omit it or pass false)"),
+        ("suffix", bool(request.suffix), "suffix (insertion) is not supported"),
+        (
+            "best_of",
+            request.best_of is not None and request.best_of != request.choices_per_prompt,
+            "best_of is not supported: omit it or set it equal to n",
+        ),
+        ("logit_bias", bool(request.logit_bias), "logit_bias is not supported"),
+        ("presence_penalty", bool(request.presence_penalty), "presence_penalty is not supported"),
+        (
+            "frequency_penalty",
+            bool(request.frequency_penalty),
+            "frequency_penalty is not supported",
+        ),
+        (
+            "stream_options",
+            request.stream_options is not None and not request.stream,
+            "stream_options is only allowed when stream is true",
+        ),
+    ]
+    for param, refused, message in refusals:
+        if refused:
+            return ApiError(400, message, param=param, code="unsupported_parameter")
+    return None
+
+
+def describe_request_error(error: ValidationError) -> ApiError:
+    """The first problem of a request as a 400 naming the field, in the API's error shape."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    param = loc[0] if loc else None
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return ApiError(
+            400,
+            f"Unrecognized request argument supplied: {'.'.join(loc)}",
+            param=param,
+            code="unrecognized_argument",
+        )
+    if first["type"] == "missing":
+        return ApiError(400, f"you must provide a {param} parameter", param=param)
+    if first["type"] == "model_type":  # the body is not a JSON object
+        return ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    where = ".".join(loc)
+    return ApiError(400, f"{where}: {message}" if where else message, param=param)
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion (stream: false); a streamed chunk has the same shape."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mllm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

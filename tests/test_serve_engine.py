@@ -1,0 +1,240 @@
+"""The continuous-batching engine: batched decoding gives what decoding alone gives."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from mllm.engine import Engine, Event, Failed, Finished, Sequence, TextDelta
+from mllm.model import GPT
+from mllm.sampling import SamplingParams
+from mllm.textstream import TextStream, token_byte_table
+from serve_helpers import EOT, tiny_model, train_tiny_tokenizer
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPTS = ["Once upon a time", "The fox", "Every morning the fox ran to the water to drink", "A"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    return train_tiny_tokenizer(Path(tmp_path_factory.mktemp("tok")) / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer: Tokenizer) -> GPT:
+    return tiny_model(tokenizer.get_vocab_size(), tokenizer.token_to_id(EOT))
+
+
+def make_engine(model: GPT, tokenizer: Tokenizer, max_batch_size: int, eot: int | None = None):
+    eot_id = tokenizer.token_to_id(EOT) if eot is None else eot
+    return Engine(model, token_byte_table(tokenizer), eot_id, max_batch_size)
+
+
+@pytest.fixture
+def engine_factory(model: GPT, tokenizer: Tokenizer) -> Iterator:
+    engines: list[Engine] = []
+
+    def factory(max_batch_size: int = 4, eot: int | None = None) -> Engine:
+        engine = make_engine(model, tokenizer, max_batch_size, eot)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield factory
+    for engine in engines:
+        engine.stop()
+
+
+@dataclass
+class Outcome:
+    events: list[Event] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TextDelta))
+
+    @property
+    def end(self) -> Event:
+        return self.events[-1]
+
+    def record(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, Finished | Failed):
+            self.done.set()
+
+
+def sequence(
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_tokens: int = 12,
+    params: SamplingParams = GREEDY,
+    **kwargs,
+) -> tuple[Sequence, Outcome]:
+    outcome = Outcome()
+    ids = tokenizer.encode(prompt).ids
+    return Sequence(ids, max_tokens, params, outcome.record, **kwargs), outcome
+
+
+def run(engine: Engine, pairs: list[tuple[Sequence, Outcome]]) -> list[Outcome]:
+    engine.submit([seq for seq, _ in pairs])
+    for _, outcome in pairs:
+        assert outcome.done.wait(30), "sequence did not finish"
+    return [outcome for _, outcome in pairs]
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll `predicate` until it holds (the engine updates its counters after each step)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def reference_greedy(model: GPT, tokenizer: Tokenizer, prompt: str, max_tokens: int) -> str:
+    """Greedy decoding with full forward passes and no cache: the independent oracle."""
+    ids = tokenizer.encode(prompt).ids
+    stream = TextStream(token_byte_table(tokenizer))
+    text = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+            ids.append(token)
+            text.append(stream.push(token))
+    return "".join(text) + stream.finish()
+
+
+def test_batched_greedy_equals_uncached_reference(engine_factory, model, tokenizer) -> None:
+    engine = engine_factory(max_batch_size=4)
+    outcomes = run(engine, [sequence(tokenizer, p, max_tokens=10) for p in PROMPTS])
+    for prompt, outcome in zip(PROMPTS, outcomes, strict=True):
+        assert outcome.text == reference_greedy(model, tokenizer, prompt, 10)
+        assert outcome.end == Finished("length", 10)
+    assert wait_until(lambda: engine.stats.running == 0)
+    assert engine.stats.rows_decoded > engine.stats.steps  # rows really shared steps
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine_factory, tokenizer) -> None:
+    params = [SamplingParams(1.0), SamplingParams(0.7, top_k=20), SamplingParams(1.2, top_p=0.8)]
+    alone_engine = engine_factory(max_batch_size=1)
+    alone = [
+        run(alone_engine, [sequence(tokenizer, p, 15, params[i % 3], seed=i)])[0].text
+        for i, p in enumerate(PROMPTS)
+    ]
+    batch_engine = engine_factory(max_batch_size=4)
+    together = run(
+        batch_engine,
+        [sequence(tokenizer, p, 15, params[i % 3], seed=i) for i, p in enumerate(PROMPTS)],
+    )
+    assert [o.text for o in together] == alone
+
+
+def test_more_sequences_than_rows_wait_their_turn(engine_factory, model, tokenizer) -> None:
+    engine = engine_factory(max_batch_size=2)
+    prompts = PROMPTS * 2
+    lengths = [3, 9, 5, 1, 7, 2, 8, 4]  # rows retire at different steps, later ones move up
+    outcomes = run(
+        engine,
+        [sequence(tokenizer, p, n) for p, n in zip(prompts, lengths, strict=True)],
+    )
+    for prompt, n, outcome in zip(prompts, lengths, outcomes, strict=True):
+        assert outcome.text == reference_greedy(model, tokenizer, prompt, n)
+        assert outcome.end == Finished("length", n)
+
+
+def test_shared_prefill_matches_separate_prefills(engine_factory, tokenizer) -> None:
+    engine = engine_factory(max_batch_size=4)
+    params = SamplingParams(1.0)
+    key = object()
+    shared = run(
+        engine,
+        [sequence(tokenizer, PROMPTS[2], 8, params, seed=s, prompt_key=key) for s in range(3)],
+    )
+    separate = run(engine, [sequence(tokenizer, PROMPTS[2], 8, params, seed=s) for s in range(3)])
+    assert [o.text for o in shared] == [o.text for o in separate]
+
+
+def test_end_of_text_token_stops_with_reason_stop(engine_factory, model, tokenizer) -> None:
+    ids = tokenizer.encode(PROMPTS[0]).ids
+    with torch.no_grad():
+        first = int(model(torch.tensor([ids]))[0, -1].argmax())
+    engine = engine_factory(eot=first)  # pretend the first greedy token is end-of-text
+    [outcome] = run(engine, [sequence(tokenizer, PROMPTS[0], 10)])
+    assert outcome.end == Finished("stop", 1)
+    assert outcome.text == ""
+
+
+def test_stop_string_ends_the_text_before_it(engine_factory, model, tokenizer) -> None:
+    full = reference_greedy(model, tokenizer, PROMPTS[1], 12)
+    stop = full[3:5]
+    engine = engine_factory()
+    [outcome] = run(engine, [sequence(tokenizer, PROMPTS[1], 12, stop=(stop,))])
+    assert outcome.text == full[: full.index(stop)]
+    assert isinstance(outcome.end, Finished) and outcome.end.reason == "stop"
+
+
+def test_cancelled_sequence_frees_its_row(engine_factory, tokenizer) -> None:
+    engine = engine_factory(max_batch_size=2)
+    first_event, resume = threading.Event(), threading.Event()
+    long_seq, long_out = sequence(tokenizer, PROMPTS[0], 50)
+
+    def emit(event: Event) -> None:  # holds the engine after the first event until cancelled
+        long_out.record(event)
+        first_event.set()
+        resume.wait(10)
+
+    long_seq.emit = emit
+    engine.submit([long_seq])
+    assert first_event.wait(10)
+    long_seq.cancel()
+    resume.set()
+    [other] = run(engine, [sequence(tokenizer, PROMPTS[1], 5)])
+    assert other.end == Finished("length", 5)
+    assert len(long_out.events) == 1  # nothing was sent after the cancel
+    assert wait_until(lambda: engine.stats.running == 0)  # updated after the step that ended
+    assert engine.stats.sequences_cancelled == 1
+
+
+class FailOnce(torch.nn.Module):
+    """Wraps a model so that its next batched decode step raises."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+        self.token_embedding = model.token_embedding
+        self.armed = True
+
+    def forward(self, idx, start_pos=0, cache=None, last_only=False):
+        if self.armed and not isinstance(start_pos, int):
+            self.armed = False
+            raise RuntimeError("simulated out of memory")
+        return self.inner(idx, start_pos, cache, last_only)
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(model, tokenizer) -> None:
+    engine = Engine(FailOnce(model), token_byte_table(tokenizer), None, 2)
+    engine.start()
+    try:
+        [failed] = run(engine, [sequence(tokenizer, PROMPTS[0], 5)])
+        assert isinstance(failed.end, Failed) and "simulated out of memory" in failed.end.message
+        [ok] = run(engine, [sequence(tokenizer, PROMPTS[0], 5)])
+        assert ok.end == Finished("length", 5)
+    finally:
+        engine.stop()
+
+
+def test_submit_refuses_more_than_the_context(engine_factory, tokenizer) -> None:
+    engine = engine_factory()
+    seq, _ = sequence(tokenizer, PROMPTS[0], max_tokens=64)
+    with pytest.raises(ValueError, match="context"):
+        engine.submit([seq])
