@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mllm.console import is_quiet, progress_enabled
 from mllm.errors import MllmError, UsageError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -333,6 +334,10 @@ def _load_stream(path: str, **kwargs: Any) -> Any:
     """`datasets.load_dataset(path, streaming=True, ...)`: the one way every source is read."""
     import datasets
 
+    if not progress_enabled():  # no tqdm bars ("Resolving data files") in logs or with --quiet
+        datasets.disable_progress_bars()
+    if is_quiet():
+        datasets.logging.set_verbosity_error()
     with _streaming_without_torch():
         return datasets.load_dataset(path, streaming=True, **kwargs)
 
