@@ -15,14 +15,14 @@ from pathlib import Path
 
 import httpx
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, pre_tokenizers, trainers
 
 from mllm.checkpoint import write_checkpoint
 from mllm.config import ModelConfig
+from mllm.data.tokenizer import EOT, load_tokenizer, new_byte_level_bpe
 from mllm.fileio import sha256_file
 from mllm.model import GPT
 
-EOT = "<|endoftext|>"
 TEXT = """Once upon a time there was a little fox who lived in the woods near a river.
 Every morning the fox ran to the water to drink, and every evening it ran home again.
 One day it met an old owl who knew the names of all the stars in the sky.
@@ -33,10 +33,9 @@ Café, naïve, 你好 and emoji 🦊 keep the byte-level alphabet honest.
 
 
 def train_tiny_tokenizer(path: Path, vocab_size: int = 320, text: str = TEXT) -> Tokenizer:
-    """A byte-level BPE (full 256-byte alphabet, ByteLevel decoder, <|endoftext|> special)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    """A tokenizer like `mllm tokenize` makes (byte-level BPE, full 256-byte alphabet,
+    <|endoftext|>), trained on a few lines; saved to `path` and loaded as serve loads it."""
+    tokenizer = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
@@ -46,7 +45,7 @@ def train_tiny_tokenizer(path: Path, vocab_size: int = 320, text: str = TEXT) ->
     )
     tokenizer.train_from_iterator(text.splitlines(), trainer)
     tokenizer.save(str(path))
-    return tokenizer
+    return load_tokenizer(path)
 
 
 def tiny_model(

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from mllm.data.tokenizer import load_tokenizer
 from serve_helpers import ServerProcess, make_run
 
 CONTEXT = 512
@@ -49,7 +50,7 @@ def client(server: ServerProcess) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def tokenizer(run_dir: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    return load_tokenizer(run_dir / "tokenizer.json")
 
 
 def complete(client: httpx.Client, **fields: Any) -> dict[str, Any]:

@@ -160,21 +160,24 @@ class Engine:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self._wakeup:
-                    while not (self._stopping or self._waiting or self._rows):
-                        self._wakeup.wait()
-                    if self._stopping:
-                        return
-                    admitted = self._take_waiting()
-                self._admit(admitted)
-                self._retire_rows()  # rows that ended on their first token
-                if self._rows:
-                    try:
+            while (admitted := self._wait_for_work()) is not None:
+                try:
+                    self._admit(admitted)
+                    self._retire_rows()  # rows that ended on their first token
+                    if self._rows:
                         self._step()
-                    except Exception as error:
-                        self._fail(self._rows, error)
-                self._retire_rows()
+                    self._retire_rows()
+                except Exception as error:  # e.g. out of memory: fail what runs, keep serving
+                    self._fail(self._rows, error)
+                    self._rows.clear()
+                    self.stats.running = 0
+
+    def _wait_for_work(self) -> list[Sequence] | None:
+        """Sleep until there is something to do; the sequences to admit now (None: stop)."""
+        with self._wakeup:
+            while not (self._stopping or self._waiting or self._rows):
+                self._wakeup.wait()
+            return None if self._stopping else self._take_waiting()
 
     def _take_waiting(self) -> list[Sequence]:
         free = self.max_batch_size - len(self._rows)
