@@ -24,7 +24,8 @@ import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from mllm.console import err_console, set_quiet
+from mllm.console import error as console_error
+from mllm.console import set_quiet
 from mllm.errors import MllmError, UsageError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -205,16 +206,13 @@ def report_error_and_exit(error: BaseException, debug: bool) -> typing.NoReturn:
     if debug:
         traceback.print_exception(error)
     if isinstance(error, MllmError):
-        err_console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        console_error(str(error))
         raise typer.Exit(error.exit_code)
     if isinstance(error, KeyboardInterrupt):
-        err_console.print("interrupted")
+        console_error("interrupted")
         raise typer.Exit(130)
-    err_console.print(
-        f"[red]error:[/red] unexpected {type(error).__name__}: {error} "
-        "(run again with --debug for the traceback)",
-        markup=True,
-        highlight=False,
+    console_error(
+        f"unexpected {type(error).__name__}: {error} (run again with --debug for the traceback)"
     )
     raise typer.Exit(1)
 

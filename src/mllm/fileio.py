@@ -32,10 +32,26 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files we create get the usual permissions (0666 minus the umask), not mkstemp's private 0600.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def temp_path_for(path: Path) -> Path:
-    """A fresh temporary path beside `path` (same folder, so a rename onto `path` is atomic)."""
+    """A fresh temporary path beside `path` (same folder, so a rename onto `path` is atomic),
+    with the permissions a plainly created file would have."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    except (AttributeError, OSError):  # Windows has no fchmod; the default there is fine
+        pass
+    finally:
+        os.close(fd)
     return Path(name)
 
 
