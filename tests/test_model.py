@@ -124,3 +124,19 @@ def test_loss_is_cross_entropy_and_decreases_on_a_tiny_run() -> None:
         loss.backward()
         optimizer.step()
     assert loss.item() < first.item() * 0.5
+
+
+def test_loss_equals_cross_entropy_over_the_logits_in_value_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).double()
+    idx = torch.randint(0, 97, (3, 11))
+    targets = torch.randint(0, 97, (3, 11))
+    model.loss(idx, targets).backward()
+    fused = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(idx)
+    reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    reference.backward()
+    torch.testing.assert_close(model.loss(idx, targets), reference)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, msg=name)

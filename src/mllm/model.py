@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.config import ModelConfig
+from mllm.losses import linear_cross_entropy
 
 
 def require_vocab_size(config: ModelConfig) -> int:
@@ -227,10 +228,10 @@ class GPT(nn.Module):
         start_pos.. (an int, or a (B,) tensor of per-row starts when decoding with a cache)."""
         length = idx.shape[1]
         positions = positions_for(start_pos, length, idx.device)
-        if int(positions.max()) >= self.config.context:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond the context {self.config.context}"
-            )
+        # An int start is checked without reading the device (no host sync in a training step).
+        last = start_pos + length - 1 if isinstance(start_pos, int) else int(positions.max())
+        if last >= self.config.context:
+            raise ValueError(f"position {last} is beyond the context {self.config.context}")
         x = self.embed_dropout(self.token_embedding(idx) + self.position_embedding(positions))
         for layer, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
@@ -252,9 +253,12 @@ class GPT(nn.Module):
         return F.linear(h, self.head_weight)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of `idx` against `targets` (both (B, T)), in fp32."""
-        logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        """Mean next-token cross-entropy of `idx` against `targets` (both (B, T)), in fp32.
+
+        The head and the loss run fused in row chunks (mllm.losses): the same value and
+        gradients as cross-entropy over `self(idx)`, without materialising the full logits.
+        """
+        return linear_cross_entropy(self.hidden_states(idx), self.head_weight, targets)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6·N (forward + backward matmuls over the non-embedding
