@@ -37,6 +37,11 @@ from mllm.fileio import atomic_write_json, ensure_writable_dir, fsync_dir, read_
 from mllm.model import GPT
 
 CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "config.json"
+RUN_DATA = "data.json"
+RUN_TOKENIZER = "tokenizer.json"
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer.pt"
 STATE = "state.json"
@@ -108,6 +113,18 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
     return read_json(Path(checkpoint) / STATE, f"checkpoint {STATE}")
+
+
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """trainer.pt (optimizer, gradient scaler and RNG states): only `mllm train --resume` needs
+    it. Loaded with weights_only, so it can hold tensors and plain containers but no code."""
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
+        raise MllmError(
+            f"{checkpoint} has no {TRAINER_STATE} (optimizer and RNG state), so it cannot be "
+            "resumed; start a new --run-dir (eval/generate/serve can still use its weights)"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def model_config_of(state: dict[str, Any]) -> ModelConfig:

@@ -82,7 +82,9 @@ def train(config: TrainConfig) -> None:
     """Train the GPT on train.bin (single device, or many through torchrun)."""
     from mllm.train import train as run_training
 
-    run_training(config)
+    result = run_training(config)
+    if result.exit_code:  # stopped by SIGINT / SIGTERM after saving a checkpoint: 130 / 143
+        raise typer.Exit(result.exit_code)
 
 
 @config_command(app, EvalConfig, name="eval")

@@ -197,6 +197,12 @@ class TrainConfig(CommandConfig):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
 
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError("give --max-steps or --max-tokens, not both")
+        return self
+
 
 class EvalConfig(CommandConfig):
     """`mllm eval`: loss, perplexity and bits per byte of a checkpoint on a packed split."""

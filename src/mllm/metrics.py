@@ -1,0 +1,175 @@
+"""What a training run reports: metrics.jsonl, the live display, and loss.png.
+
+metrics.jsonl holds one JSON object per line, flushed as written, so it can be tailed or read
+while the run goes on:
+
+- a training record every --log-interval steps (and at the last step):
+  `{"step", "loss", "lr", "tokens", "tokens_per_s", "mfu", "grad_norm", "elapsed", "cold"}`,
+  where `loss` is that step's raw training loss (mean over micro-batches and ranks), `tokens`
+  the tokens trained on so far, `tokens_per_s` and `mfu` the throughput of the steps since the
+  previous record (step time only: evaluation and checkpoint time excluded), `elapsed` the
+  run's wall-clock seconds (across resumes) and `cold` true when the interval holds this
+  process's first step (torch.compile compiles there, caches warm up: not a steady-state speed);
+- a validation record every --eval-interval steps and at the end: `{"step", "val_loss",
+  "tokens", "elapsed"}`.
+
+On resume the records after the checkpoint's step (written by the run that was stopped) are
+dropped first, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from rich.progress import TaskID
+
+from mllm.console import info, is_quiet, make_progress, progress_enabled
+from mllm.fileio import atomic_write_bytes, atomic_write_text
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, stopping at the first line that does not parse (the tail a
+    killed writer may leave)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(record, dict) or "step" not in record:
+            break
+        records.append(record)
+    return records
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl (a no-op writer on ranks other than 0)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []  # everything in the file, for loss.png
+        self._file: IO[str] | None = None
+
+    def open(self, resume_step: int | None) -> None:
+        """Start a fresh file (a new run) or keep the records up to `resume_step` (a resume)."""
+        if not self.enabled:
+            return
+        kept = (
+            []
+            if resume_step is None
+            else [record for record in read_records(self.path) if record["step"] <= resume_step]
+        )
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+        self.records = kept
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled or self._file is None:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.records.append(record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def plot_losses(path: Path, records: list[dict[str, Any]]) -> None:
+    """loss.png: training and validation loss against tokens seen, written atomically.
+
+    Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so it
+    works on a machine without a display.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train", linewidth=1, alpha=0.8)
+    if val:
+        axes.plot(*zip(*val, strict=True), label="val", marker="o", markersize=3)
+    axes.set_xlabel("tokens")
+    axes.set_ylabel("loss (nats/token)")
+    axes.grid(alpha=0.3)
+    if train or val:
+        axes.legend()
+    figure.subplots_adjust(left=0.11, right=0.97, top=0.96, bottom=0.12)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS (or M:SS under an hour)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def summary_line(record: dict[str, Any], total_steps: int, eta_seconds: float) -> str:
+    """One human line for a training record: step, loss, lr, tokens/s, MFU, ETA."""
+    return (
+        f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | "
+        f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
+        f"MFU {record['mfu']:.1%} | ETA {format_duration(eta_seconds)}"
+    )
+
+
+class TrainDisplay:
+    """Progress for people, on stderr: a live rich bar (step, loss, lr, tokens/s, MFU, ETA) on a
+    TTY; one plain line per log interval elsewhere; nothing with --quiet or on ranks other than 0.
+    """
+
+    def __init__(self, total_steps: int, enabled: bool = True) -> None:
+        self.total_steps = total_steps
+        self.live = enabled and progress_enabled()
+        self.plain = enabled and not self.live and not is_quiet()
+        self._progress = make_progress() if self.live else None
+        self._task: TaskID | None = None
+
+    @contextlib.contextmanager
+    def running(self, start_step: int) -> Iterator[TrainDisplay]:
+        """Show the live bar (from `start_step`) for the duration of the block."""
+        if self._progress is None:
+            yield self
+            return
+        with self._progress:
+            self._task = self._progress.add_task(
+                "train", total=self.total_steps, completed=start_step
+            )
+            yield self
+
+    def step_done(self, step: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=step)
+
+    def show(self, record: dict[str, Any], eta_seconds: float) -> None:
+        """Put a training record on screen: in the bar's text, or as a plain line."""
+        line = summary_line(record, self.total_steps, eta_seconds)
+        if self._progress is not None and self._task is not None:
+            short = line.split(" | ", 1)[1]  # the bar shows step/total itself
+            self._progress.update(self._task, description=short)
+        elif self.plain:
+            info(line)
+
+    def note(self, message: str) -> None:
+        """An event line (evaluation, checkpoint), printed above the bar on a TTY."""
+        info(message)

@@ -1,0 +1,208 @@
+"""Exact resume: a run killed mid-way (SIGKILL, SIGTERM, SIGINT) and continued with --resume logs
+bit for bit the losses of a run that was never interrupted; mismatched resumes are refused; a
+diverged run stops without saving over its last good checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mllm import checkpoint as ckpt
+from mllm.errors import MllmError, UsageError
+from mllm.train import train
+from train_fixtures import (  # one_torch_thread: an autouse fixture
+    CLI_ENV,
+    config_for,
+    config_from_flags,
+    one_torch_thread,  # noqa: F401
+    read_metrics,
+    tiny_flags,
+    train_losses,
+    val_losses,
+    write_data_dir,
+)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    write_data_dir(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def start_training(flags: list[str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mllm", "train", *flags],
+        cwd=cwd,
+        env={**os.environ, **CLI_ENV, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(process: subprocess.Popen[str], run_dir: Path, step: int) -> None:
+    """Poll metrics.jsonl until a training record of `step` or later is there (and a checkpoint)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"training ended early: {process.communicate()[1]}"
+        if ckpt.latest_checkpoint(run_dir) is not None:
+            try:
+                if any(s >= step for s, _ in train_losses(run_dir)):
+                    return
+            except ValueError:  # a line being written
+                pass
+        time.sleep(0.005)
+    raise AssertionError(f"step {step} not reached")
+
+
+def resume(run_cli, flags: list[str]) -> None:
+    result = run_cli("train", *flags, "--resume", env=CLI_ENV)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stderr
+
+
+def test_sigkill_then_resume_logs_bitwise_the_same_losses(
+    run_cli, data_dir: Path, tmp_path: Path
+) -> None:
+    """Random windows and dropout: the numpy window stream and torch's RNG are both restored."""
+    common = {"max_steps": 120, "ckpt_interval": 7, "eval_interval": 20, "dropout": 0.1}
+    reference = tmp_path / "reference"
+    result = run_cli("train", *tiny_flags(data_dir, reference, **common), env=CLI_ENV)
+    assert result.returncode == 0, result.stderr
+
+    killed = tmp_path / "killed"
+    flags = tiny_flags(data_dir, killed, **common)
+    process = start_training(flags, tmp_path)
+    wait_for_step(process, killed, 20)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    stopped_at = ckpt.read_state(ckpt.latest_checkpoint(killed))["step"]
+    assert stopped_at < 120, "the kill came after the run finished: nothing was tested"
+
+    resume(run_cli, flags)
+    assert train_losses(killed) == train_losses(reference)  # every step, bit for bit
+    assert val_losses(killed) == val_losses(reference)
+    assert (killed / "loss.png").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(killed)][-1] == "step_000120"
+
+
+def test_sigterm_saves_then_resume_matches_with_ordered_windows_and_accumulation(
+    run_cli, data_dir: Path, tmp_path: Path
+) -> None:
+    """--stride (ordered windows) and --grad-accum 2; SIGTERM stops at a step boundary with a
+    checkpoint of exactly that step and exit code 143."""
+    common = {"max_steps": 100, "stride": 16, "grad_accum": 2, "batch_size": 4}
+    reference = tmp_path / "reference"
+    result = run_cli("train", *tiny_flags(data_dir, reference, **common), env=CLI_ENV)
+    assert result.returncode == 0, result.stderr
+
+    stopped = tmp_path / "stopped"
+    flags = tiny_flags(data_dir, stopped, ckpt_interval=1000, **common)
+    process = start_training(flags, tmp_path)
+    wait_for_step(process, stopped, 12)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    state = ckpt.read_state(ckpt.latest_checkpoint(stopped))
+    assert state["step"] == train_losses(stopped)[-1][0] < 100
+    assert state["data_position"]["order"] == "strided"
+
+    resume(run_cli, tiny_flags(data_dir, stopped, ckpt_interval=1000, **common))
+    assert train_losses(stopped) == train_losses(reference)
+    assert val_losses(stopped) == val_losses(reference)
+
+
+def test_sigint_leaves_a_checkpoint_and_exits_130(data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start_training(tiny_flags(data_dir, run_dir, max_steps=100_000), tmp_path)
+    wait_for_step(process, run_dir, 3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "stopped by SIGINT" in stderr
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert ckpt.read_state(latest)["step"] == train_losses(run_dir)[-1][0]
+    assert (latest / "trainer.pt").is_file()
+
+
+@pytest.fixture
+def short_run(data_dir: Path, tmp_path: Path) -> Path:
+    """A finished 4-step run (checkpoints at 2 and 4), trained in-process."""
+    run_dir = tmp_path / "short"
+    train(config_for(data_dir, run_dir, max_steps=4, ckpt_interval=2, eval_interval=2))
+    return run_dir
+
+
+def resume_config(run_dir: Path, *flags: str | Path):
+    """What `mllm train --run-dir RUN_DIR --resume FLAGS...` resolves to."""
+    return config_from_flags(["--run-dir", run_dir, "--resume", *flags])
+
+
+def test_resume_refuses_a_changed_model_shape(run_cli, data_dir: Path, short_run: Path) -> None:
+    for flags, message in [
+        (["--d-model", "64"], "--d-model 64 differs from the checkpoint's 32"),
+        (["--layers", "3"], "--layers 3 differs from the checkpoint's 2"),
+        (["--context", "64"], "--context 64 is longer than the position table"),
+        (["--context", "16"], "--context 16 differs from the checkpoint's 32"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            train(resume_config(short_run, *flags))
+    flags = ["--run-dir", short_run, "--resume", "--context", "64", "--max-steps", "8"]
+    result = run_cli("train", *flags, env=CLI_ENV)
+    assert result.returncode == 2
+    assert "position table" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert ckpt.read_state(ckpt.latest_checkpoint(short_run))["step"] == 4  # nothing was written
+
+
+def test_resume_refuses_other_data(data_dir: Path, short_run: Path, tmp_path: Path) -> None:
+    write_data_dir(tmp_path / "other", pack_id="pack-b")
+    config = config_for(tmp_path / "other", short_run, resume=True, max_steps=8)
+    with pytest.raises(MllmError, match=r"is pack pack-b but .* trained on pack pack-a") as info:
+        train(config)
+    assert info.value.exit_code == 1
+
+
+def test_new_run_over_an_existing_one_and_resume_from_nothing_are_refused(
+    data_dir: Path, short_run: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(MllmError, match=r"already holds a training run .* --resume"):
+        train(config_for(data_dir, short_run))
+    with pytest.raises(MllmError, match=r"no checkpoint in .* to resume from"):
+        train(config_for(data_dir, tmp_path / "empty", resume=True))
+
+
+def test_resume_alone_continues_with_the_saved_config(data_dir: Path, short_run: Path) -> None:
+    """`--resume --max-steps 6` needs no other flag: the model shape comes from the run."""
+    result = train(resume_config(short_run, "--max-steps", "6"))
+    assert result.step == 6
+    assert [s for s, _ in train_losses(short_run)] == [1, 2, 3, 4, 5, 6]
+    already = train(resume_config(short_run, "--max-steps", "6"))
+    assert already.step == 6  # nothing to do: says so and leaves the run as it is
+
+
+def test_diverged_run_stops_without_saving(run_cli, data_dir: Path, short_run: Path) -> None:
+    """An absurd learning rate turns the loss to NaN/inf: exit 1, one line naming the step, and
+    the last good checkpoint is still the latest, with finite weights."""
+    flags = ["--run-dir", short_run, "--resume", "--lr", "1e30", "--max-steps", "12"]
+    result = run_cli("train", *flags, env=CLI_ENV)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0])
+    assert "training diverged" in errors[0] and "step_000004" in errors[0]
+    latest = ckpt.latest_checkpoint(short_run)
+    assert latest.name == "step_000004"
+    weights = load_file(latest / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert max(s for s, _ in train_losses(short_run)) <= 12
+    assert all(math.isfinite(r.get("loss", 0.0)) for r in read_metrics(short_run))
