@@ -5,18 +5,15 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-# rich wraps long lines at 80 columns off a terminal; a wide COLUMNS keeps a message on one line
-WIDE = {"COLUMNS": "1000"}
 
-
-def write_paragraphs(source: Path, target: Path, max_bytes: int, prefix: str = "") -> list[str]:
+def write_paragraphs(source: Path, target: Path, max_bytes: int) -> list[str]:
     """corpus.txt from real text: one paragraph per line (whitespace runs made one space), at
     least 20 characters each, until about `max_bytes`; returns the documents written."""
     documents: list[str] = []
     size = 0
     for line in source.read_text(encoding="utf-8").splitlines():
-        document = prefix + " ".join(line.split())
-        if len(document) < 20 + len(prefix):
+        document = " ".join(line.split())
+        if len(document) < 20:
             continue
         documents.append(document)
         size += len(document.encode()) + 1

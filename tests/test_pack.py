@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from conftest import SHARED_DATA
-from data_helpers import WIDE, one_error_line, write_paragraphs
+from data_helpers import one_error_line, write_paragraphs
 from mllm.config import PackConfig, TokenizeConfig
 from mllm.data import pack as pack_module
 from mllm.data.encoder import (
@@ -90,7 +90,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def pack_cli(run_cli, *args: object) -> subprocess.CompletedProcess[str]:
-    return run_cli("pack", *map(str, args), env=WIDE)
+    return run_cli("pack", *map(str, args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +366,6 @@ def test_interrupt_mid_way_keeps_previous_outputs(data_dir: Path, tmp_path: Path
         [sys.executable, "-m", "mllm", "pack", "--data-dir", str(folder), "--workers", "2"],
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **WIDE},
     )
     deadline = time.monotonic() + 60
     while not leftovers(folder) and process.poll() is None and time.monotonic() < deadline:
@@ -375,7 +374,7 @@ def test_interrupt_mid_way_keeps_previous_outputs(data_dir: Path, tmp_path: Path
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert "interrupted" in one_error_line(subprocess.CompletedProcess([], 130, "", stderr))
     assert snapshot(folder) == before
     assert leftovers(folder) == []
 

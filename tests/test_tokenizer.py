@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, pre_tokenizers
 
 from conftest import SHARED_DATA
-from data_helpers import WIDE, one_error_line, write_paragraphs
+from data_helpers import one_error_line, write_paragraphs
 from mllm.config import TokenizeConfig
 from mllm.data.tokenizer import (
     BYTE_ALPHABET_SIZE,
@@ -142,7 +142,7 @@ def test_cli_trains_exact_vocab_with_max_bytes(run_cli, trained: Path, tmp_path:
 
 def test_cli_vocab_the_corpus_cannot_support(run_cli, tmp_path: Path) -> None:
     (tmp_path / "corpus.txt").write_text("the cat sat on the mat\n" * 20)
-    result = run_cli("tokenize", "--data-dir", tmp_path, "--vocab-size", 5000, env=WIDE)
+    result = run_cli("tokenize", "--data-dir", tmp_path, "--vocab-size", 5000)
     assert result.returncode == 1
     line = one_error_line(result)
     supported = int(re.search(r"supports only ([\d,]+) tokens", line).group(1).replace(",", ""))
@@ -167,7 +167,7 @@ def test_cli_vocab_the_corpus_cannot_support(run_cli, tmp_path: Path) -> None:
 def test_cli_bad_corpus(run_cli, tmp_path: Path, content: bytes | None, message: str) -> None:
     if content is not None:
         (tmp_path / "corpus.txt").write_bytes(content)
-    result = run_cli("tokenize", "--data-dir", tmp_path, "--vocab-size", 300, env=WIDE)
+    result = run_cli("tokenize", "--data-dir", tmp_path, "--vocab-size", 300)
     assert result.returncode == 1
     assert message in one_error_line(result)
     assert not (tmp_path / "tokenizer.json").exists()
@@ -175,6 +175,6 @@ def test_cli_bad_corpus(run_cli, tmp_path: Path, content: bytes | None, message:
 
 
 def test_cli_vocab_below_bytes_plus_eot_is_a_usage_error(run_cli, tmp_path: Path) -> None:
-    result = run_cli("tokenize", "--data-dir", tmp_path, "--vocab-size", 256, env=WIDE)
+    result = run_cli("tokenize", "--data-dir", tmp_path, "--vocab-size", 256)
     assert result.returncode == 2
     assert "--vocab-size" in one_error_line(result)

@@ -97,7 +97,9 @@ class TokenizeConfig(CommandConfig):
         le=2**32,
         description="Exact vocabulary size, special tokens included (at least 256 bytes + 1).",
     )
-    max_bytes: int | None = Field(None, gt=0, description="Read at most this many bytes of corpus.")
+    max_bytes: int | None = Field(
+        None, gt=0, description="Train on at most this many bytes of corpus (whole lines)."
+    )
     min_frequency: int = Field(2, ge=1, description="Minimum pair count for a merge.")
 
 
@@ -116,7 +118,9 @@ class PackConfig(CommandConfig):
     )
     val_fraction: float = Field(0.01, gt=0, lt=1, description="Fraction of documents held out.")
     seed: int = Field(42, description="Seed of the document-level train/val split.")
-    workers: int | None = Field(None, ge=1, description="Encoding threads (default: all cores).")
+    workers: int | None = Field(
+        None, ge=1, description="Encoding processes (default: one per core)."
+    )
     dtype: Literal["auto", "uint16", "uint32"] = Field(
         "auto", description="Token dtype of the bins (auto: uint16 when the vocab fits)."
     )

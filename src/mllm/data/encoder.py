@@ -144,9 +144,9 @@ class PieceCacheEncoder:
         rows = np.fromiter(map(self._index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         unknown = np.flatnonzero(rows < 0)
         if unknown.size:
-            new_keys = list(dict.fromkeys(keys[i] for i in unknown))
+            new_keys = list(dict.fromkeys(keys[i] for i in unknown.tolist()))
             self._learn(new_keys)
-            rows[unknown] = [self._index[keys[i]] for i in unknown]
+            rows[unknown] = [self._index[keys[i]] for i in unknown.tolist()]
         return self._gather(rows)
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ class TokenWindows:
 
     def __init__(self, path: str | Path, dtype: str | np.dtype, context: int) -> None:
         self.path = Path(path)
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(dtype).newbyteorder("<")  # pack writes little-endian bins
         self.context = context
         self._tokens: np.memmap | None = None  # opened lazily: once per process / worker
         if context < 1:

@@ -45,7 +45,7 @@ class DataMeta(BaseModel):
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        return np.dtype(self.dtype).newbyteorder("<")  # the bins are little-endian
 
     def split(self, name: str) -> SplitMeta:
         if name not in ("train", "val"):

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from rich.markup import escape
 
 from mllm import __version__
 from mllm.config import PackConfig
@@ -209,7 +210,7 @@ class BlockEncoder:
     def __init__(self, tokenizer_bytes: bytes, source: str, dtype: str) -> None:
         tokenizer = tokenizer_from_bytes(tokenizer_bytes, source)
         self.encoder: DocumentEncoder = make_encoder(tokenizer, eot_id(tokenizer))
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(dtype).newbyteorder("<")  # the bins are little-endian everywhere
 
     def __call__(self, block: bytes, to_val: bytes) -> EncodedBlock:
         documents = split_documents(block.decode("utf-8"))
@@ -404,7 +405,7 @@ def pack_corpus(config: PackConfig) -> DataMeta:
         survey = survey_corpus(paths.corpus, lambda n: progress.advance(task, n))
     pack_id = make_pack_id(survey.sha256, tokenizer_sha, config)
     if not config.force and _up_to_date(paths, pack_id, dtype):
-        info(f"{paths.data_json} is up to date (pack_id {pack_id}); --force re-encodes it")
+        info(escape(f"{paths.data_json} is up to date (pack_id {pack_id}); --force re-encodes"))
         return load_data_meta(paths.output_dir)
     selection = ValSelection(
         survey.documents, val_count(survey.documents, config.val_fraction), config.seed
@@ -523,10 +524,12 @@ def _corpus_sidecar(corpus: Path, corpus_sha256: str) -> dict[str, Any] | None:
 
 
 def _report(paths: PackPaths, meta: DataMeta, seconds: float) -> None:
-    corpus = meta.corpus  # type: ignore[attr-defined]
-    info(
-        f"packed {corpus['documents']:,} documents ({corpus['bytes'] / 1e6:,.1f} MB) into "
+    corpus = (meta.model_extra or {})["corpus"]
+    megabytes = corpus["bytes"] / 1e6
+    outputs = ", ".join(map(str, (paths.bin("train"), paths.bin("val"), paths.data_json)))
+    message = (
+        f"packed {corpus['documents']:,} documents ({megabytes:,.1f} MB) into "
         f"{meta.train.tokens:,} train + {meta.val.tokens:,} val tokens ({meta.dtype}) in "
-        f"{seconds:.1f}s ({corpus['bytes'] / 1e6 / max(seconds, 1e-9):,.1f} MB/s): "
-        f"{paths.bin('train')}, {paths.bin('val')}, {paths.data_json}"
+        f"{seconds:.1f}s ({megabytes / max(seconds, 1e-9):,.1f} MB/s): {outputs}"
     )
+    info(escape(message))

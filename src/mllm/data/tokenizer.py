@@ -21,11 +21,13 @@ how much is read; a few hundred MB is plenty for a 16k vocabulary).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mllm import __version__
@@ -163,10 +165,11 @@ def train_tokenizer(config: TokenizeConfig) -> dict[str, Any]:
         raise MllmError(f"corpus has no documents (only empty lines): {corpus}")
     _check_vocab(tokenizer, config)
 
-    atomic_write_bytes(output, tokenizer.to_str(pretty=True).encode("utf-8"))
+    data = tokenizer.to_str(pretty=True).encode("utf-8")
+    atomic_write_bytes(output, data)
     meta = {
         "tokenizer": output.name,
-        "sha256": tokenizer_sha256(output),
+        "sha256": hashlib.sha256(data).hexdigest(),  # = tokenizer_sha256(output)
         "vocab_size": tokenizer.get_vocab_size(),
         "eot_id": eot_id(tokenizer),
         "corpus": str(corpus),
@@ -179,10 +182,11 @@ def train_tokenizer(config: TokenizeConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 3),
     }
     atomic_write_json(output.with_name(output.stem + META_SUFFIX), meta)
-    info(
-        f"wrote {output} (vocab {meta['vocab_size']:,}, trained on {reader.documents:,} documents, "
-        f"{reader.bytes_read / 1e6:,.1f} MB, in {meta['seconds']:.1f}s)"
+    message = (
+        f"wrote {output} (vocab {meta['vocab_size']:,}, trained on {reader.documents:,} "
+        f"documents, {reader.bytes_read / 1e6:,.1f} MB, in {meta['seconds']:.1f}s)"
     )
+    info(escape(message))
     return meta
 
 
