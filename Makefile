@@ -21,3 +21,6 @@ format: setup
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+demo: setup
+	@PY="$(PY)" bash scripts/demo.sh "$(DATA)"

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The mllm demo: the whole pipeline at a small scale, in a few minutes on a laptop CPU.
+#
+#   corpus -> tokenize -> pack -> train -> eval -> generate "Once upon a time"
+#
+# Usage:  bash scripts/demo.sh [DATA]      (or: make demo [DATA=folder])
+#
+# Without DATA the corpus streams the default Hugging Face Hub sources. With DATA it reads local
+# text instead: each subfolder of DATA is one source named after it (DATA/wikitext,
+# DATA/tinystories, ...; READMEs and markdown files in them are skipped). TinyStories-style text
+# is weighted up: a small model learns to write simple stories far sooner than encyclopedia prose.
+#
+# Everything goes to data/demo/ and runs/demo/ (git-ignored, like data/ and runs/). A re-run
+# overwrites the data files (each command writes atomically) and replaces runs/demo/, so it
+# starts training afresh instead of resuming.
+#
+# The sizes below are the tuned demo; the environment variables exist so the test suite can run
+# the same script in seconds.
+set -euo pipefail
+
+PY=${PY:-python}
+DATA=${1:-}
+DATA_DIR=${DEMO_DATA_DIR:-data/demo}
+RUN_DIR=${DEMO_RUN_DIR:-runs/demo}
+MAX_LINES=${DEMO_MAX_LINES:-20000}     # documents in corpus.txt
+VOCAB=${DEMO_VOCAB:-4096}              # BPE vocabulary
+CONTEXT=${DEMO_CONTEXT:-256}
+D_MODEL=${DEMO_D_MODEL:-256}
+LAYERS=${DEMO_LAYERS:-4}
+HEADS=${DEMO_HEADS:-4}
+BATCH=${DEMO_BATCH:-16}                # sequences per step
+STEPS=${DEMO_STEPS:-400}
+LR=${DEMO_LR:-2e-3}
+COMPILE=${DEMO_COMPILE:-0}             # 1: torch.compile the model (pays off on longer runs)
+NEW_TOKENS=${DEMO_NEW_TOKENS:-120}     # tokens per generated sample
+SAMPLES=${DEMO_SAMPLES:-3}
+PROMPT=${DEMO_PROMPT:-Once upon a time}
+# Mixture weights per source name (by documents); names not listed get weight 1.
+declare -A WEIGHT=([wikitext]=1 [fineweb]=1 [tinystories]=18)
+
+mllm() { "$PY" -m mllm "$@"; }
+say() { printf '%s\n' "$*"; }
+
+demo_start=$SECONDS
+stage_start=$SECONDS
+stage() {
+    stage_start=$SECONDS
+    say ""
+    say "==> $*"
+}
+stage_done() { say "    ($((SECONDS - stage_start)) s)"; }
+
+# --- the sources ---------------------------------------------------------------------------
+sources=()
+if [[ -n "$DATA" ]]; then
+    if [[ ! -d "$DATA" ]]; then
+        say "demo: DATA=$DATA is not a folder (give a folder with one subfolder of text per source)" >&2
+        exit 2
+    fi
+    for dir in "$DATA"/*/; do
+        [[ -d "$dir" ]] || continue
+        name=$(basename "$dir")
+        sources+=(--source "$name=${dir%/}" --ratio "$name=${WEIGHT[$name]:-1}")
+    done
+    if [[ ${#sources[@]} -eq 0 ]]; then
+        say "demo: DATA=$DATA has no subfolders: put each source's text files in DATA/NAME/" >&2
+        exit 2
+    fi
+    for name in wikitext fineweb tinystories; do  # `mllm corpus` always mixes in these three
+        if [[ ! -d "$DATA/$name" ]]; then
+            say "demo: DATA=$DATA has no $name/ subfolder: the corpus mixes wikitext, fineweb and tinystories, so give a folder for each (e.g. DATA=../shared/data)" >&2
+            exit 2
+        fi
+    done
+    where="local text in $DATA"
+else
+    for name in wikitext fineweb tinystories; do
+        sources+=(--ratio "$name=${WEIGHT[$name]}")
+    done
+    where="the Hugging Face Hub (streamed)"
+fi
+
+say "mllm demo: up to $MAX_LINES documents from $where -> a ${LAYERS}-layer GPT (d_model $D_MODEL) trained for $STEPS steps"
+
+# --- corpus --------------------------------------------------------------------------------
+stage "mllm corpus  (documents from $where -> $DATA_DIR/corpus.txt)"
+corpus_log=$(mktemp)
+trap 'rm -f "$corpus_log"' EXIT
+if ! mllm corpus --data-dir "$DATA_DIR" --max-lines "$MAX_LINES" "${sources[@]}" 2>"$corpus_log"; then
+    if [[ -z "$DATA" ]] && grep -q "cannot reach the Hugging Face Hub" "$corpus_log"; then
+        say "demo: the Hugging Face Hub cannot be reached; use local text instead: make demo DATA=folder (one subfolder per source: folder/wikitext, folder/fineweb, folder/tinystories; e.g. DATA=../shared/data)" >&2
+    else
+        cat "$corpus_log" >&2
+    fi
+    exit 1
+fi
+cat "$corpus_log" >&2
+stage_done
+
+# --- tokenizer and token bins ----------------------------------------------------------------
+stage "mllm tokenize  (byte-level BPE, vocab $VOCAB -> $DATA_DIR/tokenizer.json)"
+mllm tokenize --data-dir "$DATA_DIR" --vocab-size "$VOCAB"
+stage_done
+
+stage "mllm pack  (corpus -> $DATA_DIR/train.bin, val.bin, data.json)"
+mllm pack --data-dir "$DATA_DIR" --val-fraction 0.02
+stage_done
+
+# --- training ------------------------------------------------------------------------------
+stage "mllm train  (-> $RUN_DIR)"
+rm -rf "$RUN_DIR"  # the demo's own run: a re-run starts afresh
+compile_flag=--no-compile
+[[ "$COMPILE" == 1 ]] && compile_flag=--compile
+mllm train --data-dir "$DATA_DIR" --run-dir "$RUN_DIR" \
+    --context "$CONTEXT" --d-model "$D_MODEL" --layers "$LAYERS" --heads "$HEADS" \
+    --batch-size "$BATCH" --max-steps "$STEPS" --lr "$LR" --min-lr "$(awk "BEGIN { print $LR / 10 }")" \
+    --warmup-steps "$(( STEPS / 20 > 0 ? STEPS / 20 : 1 ))" \
+    --eval-interval "$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))" --eval-batches 10 \
+    --ckpt-interval "$STEPS" --log-interval "$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))" \
+    "$compile_flag"
+stage_done
+
+# --- evaluation and samples ----------------------------------------------------------------
+stage "mllm eval  (loss, perplexity and bits per byte on $DATA_DIR/val.bin)"
+mllm eval --run-dir "$RUN_DIR" --data-dir "$DATA_DIR"
+stage_done
+
+stage "mllm generate \"$PROMPT\"  ($SAMPLES samples)"
+mllm generate "$PROMPT" --run-dir "$RUN_DIR" --num-samples "$SAMPLES" \
+    --max-new-tokens "$NEW_TOKENS" --temperature 0.8 --top-k 40 --seed 1
+stage_done
+
+# --- where everything went -----------------------------------------------------------------
+say ""
+say "demo finished in $((SECONDS - demo_start)) s. Where everything went:"
+say "  $DATA_DIR/   corpus.txt (+ corpus.json), tokenizer.json, train.bin, val.bin, data.json"
+say "  $RUN_DIR/   config.json, metrics.jsonl, loss.png, tokenizer.json, checkpoints/"
+say "Try next:"
+say "  mllm generate \"The little dog\" --run-dir $RUN_DIR --top-k 40"
+say "  mllm eval --run-dir $RUN_DIR --data-dir $DATA_DIR --json"
+say "  mllm serve --run-dir $RUN_DIR"
