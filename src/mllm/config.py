@@ -183,7 +183,12 @@ class TrainConfig(CommandConfig):
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: off).")
     eval_interval: int = Field(500, ge=1, description="Steps between validation evaluations.")
-    eval_batches: int = Field(20, ge=1, description="Batches per validation evaluation.")
+    eval_batches: int = Field(
+        20,
+        ge=1,
+        description="Validation batches (of batch-size x processes windows) per evaluation; "
+        "the same windows every time.",
+    )
     ckpt_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept (plus the best by val loss).")
     log_interval: int = Field(10, ge=1, description="Steps between metrics.jsonl records.")

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from rich.progress import TaskID
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from mllm.console import info, is_quiet, make_progress, progress_enabled
+from mllm.console import err_console, info, is_quiet, progress_enabled
 from mllm.fileio import atomic_write_bytes, atomic_write_text
 
 
@@ -124,12 +124,20 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def summary_line(record: dict[str, Any], total_steps: int, eta_seconds: float) -> str:
-    """One human line for a training record: step, loss, lr, tokens/s, MFU, ETA."""
+def compact_count(value: float) -> str:
+    """5432 -> 5.4k, 1234567 -> 1.2M: rates that fit an 80-column line."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def metrics_text(record: dict[str, Any], eta_seconds: float) -> str:
+    """loss, lr, tokens/s, MFU and ETA of a training record, short enough for 80 columns."""
     return (
-        f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | "
-        f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"MFU {record['mfu']:.1%} | ETA {format_duration(eta_seconds)}"
+        f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        f"{compact_count(record['tokens_per_s'])} tok/s  MFU {record['mfu']:.1%}  "
+        f"ETA {format_duration(eta_seconds)}"
     )
 
 
@@ -142,7 +150,16 @@ class TrainDisplay:
         self.total_steps = total_steps
         self.live = enabled and progress_enabled()
         self.plain = enabled and not self.live and not is_quiet()
-        self._progress = make_progress() if self.live else None
+        self._progress = (
+            Progress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(bar_width=12),
+                TextColumn("{task.description}"),
+                console=err_console,
+            )
+            if self.live
+            else None
+        )
         self._task: TaskID | None = None
 
     @contextlib.contextmanager
@@ -153,7 +170,7 @@ class TrainDisplay:
             return
         with self._progress:
             self._task = self._progress.add_task(
-                "train", total=self.total_steps, completed=start_step
+                "starting…", total=self.total_steps, completed=start_step
             )
             yield self
 
@@ -163,12 +180,11 @@ class TrainDisplay:
 
     def show(self, record: dict[str, Any], eta_seconds: float) -> None:
         """Put a training record on screen: in the bar's text, or as a plain line."""
-        line = summary_line(record, self.total_steps, eta_seconds)
+        text = metrics_text(record, eta_seconds)
         if self._progress is not None and self._task is not None:
-            short = line.split(" | ", 1)[1]  # the bar shows step/total itself
-            self._progress.update(self._task, description=short)
+            self._progress.update(self._task, description=text)
         elif self.plain:
-            info(line)
+            info(f"step {record['step']}/{self.total_steps}  {text}")
 
     def note(self, message: str) -> None:
         """An event line (evaluation, checkpoint), printed above the bar on a TTY."""

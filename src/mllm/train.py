@@ -181,7 +181,8 @@ def set_up_run(config: TrainConfig, device: torch.device, dist_info: Distributed
     model.to(device)
     optimizer = build_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    global_batch = config.batch_size * config.grad_accum * dist_info.world_size
+    global_batch_rows = config.batch_size * dist_info.world_size  # one micro-step, all ranks
+    global_batch = global_batch_rows * config.grad_accum
     stream = WindowStream(train_windows, global_batch, config.seed, config.stride)
     tokens_per_step = global_batch * model_config.context
     total_steps = total_steps_for(config, tokens_per_step)
@@ -200,7 +201,7 @@ def set_up_run(config: TrainConfig, device: torch.device, dist_info: Distributed
         stream=stream,
         train_windows=train_windows,
         val_windows=val_windows,
-        eval_starts=fixed_eval_starts(val_windows, config.eval_batches * config.batch_size),
+        eval_starts=fixed_eval_starts(val_windows, config.eval_batches * global_batch_rows),
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
         metrics=MetricsLog(config.run_dir / ckpt.METRICS, enabled=dist_info.is_main),
@@ -267,7 +268,8 @@ def open_windows(data_dir: Path, meta: DataMeta, split: str, context: int) -> To
 
 def fixed_eval_starts(val_windows: TokenWindows, count: int) -> np.ndarray:
     """The validation windows: the first `count` non-overlapping windows of val.bin (fewer when it
-    is short). The same every evaluation, so successive val losses are comparable."""
+    is short), i.e. --eval-batches batches of batch_size x processes. The same every evaluation,
+    so successive val losses are comparable."""
     return val_windows.strided_starts(0, min(count, val_windows.num_windows()))
 
 
@@ -298,7 +300,7 @@ def restore_checkpoint(run: Run, checkpoint: Path, state: dict[str, Any]) -> Non
     if len(rng_states) == run.dist.world_size:
         restore_rng_state(rng_states[run.dist.rank], run.device)
     else:  # a different number of processes: dropout masks cannot be the saved ones
-        if run.dist.is_main:
+        if run.dist.is_main and run.model.config.dropout > 0:
             warn(
                 f"resuming {len(rng_states)} process(es)' run with {run.dist.world_size}: "
                 "dropout draws will differ from an uninterrupted run"

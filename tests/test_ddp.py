@@ -1,0 +1,59 @@
+"""Many processes: `torchrun --nproc-per-node 2` (gloo on CPU) with batch B logs the losses one
+process with batch 2B logs, rank 0 alone writes, and a distributed run resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mllm import checkpoint as ckpt
+from train_fixtures import CLI_ENV, tiny_flags, train_losses, val_losses, write_data_dir
+
+COMMON = {"max_steps": 8, "grad_accum": 2, "eval_interval": 4, "ckpt_interval": 4}
+
+
+def torchrun(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 -m mllm train ...`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "mllm", "train", *map(str, args)]
+    env = {**os.environ, **CLI_ENV, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_exactly(run_cli, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    write_data_dir(data_dir)
+    two = tmp_path / "two"
+    result = torchrun(*tiny_flags(data_dir, two, batch_size=4, **COMMON), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("parameters (d_model") == 1  # rank 0 alone prints
+    assert "2 processes" in result.stderr
+
+    one = tmp_path / "one"
+    result = run_cli("train", *tiny_flags(data_dir, one, batch_size=8, **COMMON), env=CLI_ENV)
+    assert result.returncode == 0, result.stderr
+
+    # Same windows per step, loss averaged over ranks, gradients all-reduced: the same run.
+    for got, expected in [
+        (train_losses(two), train_losses(one)),
+        (val_losses(two), val_losses(one)),
+    ]:
+        assert [step for step, _ in got] == [step for step, _ in expected]
+        assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+    state = ckpt.read_state(ckpt.latest_checkpoint(two))
+    assert state["world_size"] == 2 and state["tokens_seen"] == 8 * 2 * 8 * 32
+
+    # Lose the last checkpoint (as if killed just before it was written): a distributed resume
+    # redoes steps 5-8 from step 4 and logs bit for bit what it logged the first time.
+    first_time = train_losses(two)
+    shutil.rmtree(ckpt.latest_checkpoint(two))
+    result = torchrun(*tiny_flags(data_dir, two, batch_size=4, **COMMON), "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    assert train_losses(two) == first_time
