@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from mllm import checkpoint as ckpt
-from train_fixtures import CLI_ENV, tiny_flags, train_losses, val_losses, write_data_dir
+from mllm.train import train
+from train_fixtures import (  # one_torch_thread: an autouse fixture
+    CLI_ENV,
+    config_for,
+    one_torch_thread,  # noqa: F401
+    tiny_flags,
+    train_losses,
+    val_losses,
+    write_data_dir,
+)
 
 COMMON = {"max_steps": 8, "grad_accum": 2, "eval_interval": 4, "ckpt_interval": 4}
 
@@ -26,7 +35,7 @@ def torchrun(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_exactly(run_cli, tmp_path: Path) -> None:
+def test_two_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     write_data_dir(data_dir)
     two = tmp_path / "two"
@@ -36,8 +45,7 @@ def test_two_processes_match_one_and_resume_exactly(run_cli, tmp_path: Path) -> 
     assert "2 processes" in result.stderr
 
     one = tmp_path / "one"
-    result = run_cli("train", *tiny_flags(data_dir, one, batch_size=8, **COMMON), env=CLI_ENV)
-    assert result.returncode == 0, result.stderr
+    train(config_for(data_dir, one, batch_size=8, **COMMON))  # one process, in this one
 
     # Same windows per step, loss averaged over ranks, gradients all-reduced: the same run.
     for got, expected in [

@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mllm.train
 from mllm import checkpoint as ckpt
+from mllm.config import TrainConfig
 from mllm.errors import MllmError, UsageError
 from mllm.train import train
 from train_fixtures import (  # one_torch_thread: an autouse fixture
@@ -36,6 +38,11 @@ from train_fixtures import (  # one_torch_thread: an autouse fixture
 def data_dir(tmp_path: Path) -> Path:
     write_data_dir(tmp_path / "data")
     return tmp_path / "data"
+
+
+def resume_config(run_dir: Path, *flags: str | Path) -> TrainConfig:
+    """What `mllm train --run-dir RUN_DIR --resume FLAGS...` resolves to."""
+    return config_from_flags(["--run-dir", run_dir, "--resume", *flags])
 
 
 def start_training(flags: list[str], cwd: Path) -> subprocess.Popen[str]:
@@ -64,76 +71,77 @@ def wait_for_step(process: subprocess.Popen[str], run_dir: Path, step: int) -> N
     raise AssertionError(f"step {step} not reached")
 
 
-def resume(run_cli, flags: list[str]) -> None:
-    result = run_cli("train", *flags, "--resume", env=CLI_ENV)
-    assert result.returncode == 0, result.stderr
-    assert "resuming from" in result.stderr
-
-
-def test_sigkill_then_resume_logs_bitwise_the_same_losses(
-    run_cli, data_dir: Path, tmp_path: Path
-) -> None:
-    """Random windows and dropout: the numpy window stream and torch's RNG are both restored."""
-    common = {"max_steps": 120, "ckpt_interval": 7, "eval_interval": 20, "dropout": 0.1}
+def test_sigkill_then_resume_logs_bitwise_the_same_losses(data_dir: Path, tmp_path: Path) -> None:
+    """Random windows and dropout: the numpy window stream and torch's RNG are both restored.
+    The reference and the resume run in this process; the run that is killed in a subprocess."""
+    common = {"max_steps": 100, "ckpt_interval": 7, "eval_interval": 20, "dropout": 0.1}
     reference = tmp_path / "reference"
-    result = run_cli("train", *tiny_flags(data_dir, reference, **common), env=CLI_ENV)
-    assert result.returncode == 0, result.stderr
+    train(config_for(data_dir, reference, **common))
 
     killed = tmp_path / "killed"
-    flags = tiny_flags(data_dir, killed, **common)
-    process = start_training(flags, tmp_path)
-    wait_for_step(process, killed, 20)
+    process = start_training(tiny_flags(data_dir, killed, **common), tmp_path)
+    wait_for_step(process, killed, 15)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     stopped_at = ckpt.read_state(ckpt.latest_checkpoint(killed))["step"]
-    assert stopped_at < 120, "the kill came after the run finished: nothing was tested"
+    assert stopped_at < 100, "the kill came after the run finished: nothing was tested"
 
-    resume(run_cli, flags)
+    result = train(resume_config(killed))  # `mllm train --run-dir killed --resume`
+    assert result.step == 100 and result.exit_code == 0
     assert train_losses(killed) == train_losses(reference)  # every step, bit for bit
     assert val_losses(killed) == val_losses(reference)
     assert (killed / "loss.png").is_file()
-    assert [p.name for p in ckpt.list_checkpoints(killed)][-1] == "step_000120"
+    assert [p.name for p in ckpt.list_checkpoints(killed)][-1] == "step_000100"
 
 
 def test_sigterm_saves_then_resume_matches_with_ordered_windows_and_accumulation(
-    run_cli, data_dir: Path, tmp_path: Path
+    data_dir: Path, tmp_path: Path
 ) -> None:
     """--stride (ordered windows) and --grad-accum 2; SIGTERM stops at a step boundary with a
-    checkpoint of exactly that step and exit code 143."""
-    common = {"max_steps": 100, "stride": 16, "grad_accum": 2, "batch_size": 4}
+    checkpoint of exactly that step, a message, and exit code 143."""
+    common = {"max_steps": 80, "stride": 16, "grad_accum": 2, "batch_size": 4}
     reference = tmp_path / "reference"
-    result = run_cli("train", *tiny_flags(data_dir, reference, **common), env=CLI_ENV)
-    assert result.returncode == 0, result.stderr
+    train(config_for(data_dir, reference, **common))
 
     stopped = tmp_path / "stopped"
-    flags = tiny_flags(data_dir, stopped, ckpt_interval=1000, **common)
-    process = start_training(flags, tmp_path)
+    process = start_training(tiny_flags(data_dir, stopped, ckpt_interval=1000, **common), tmp_path)
     wait_for_step(process, stopped, 12)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143, stderr
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
     state = ckpt.read_state(ckpt.latest_checkpoint(stopped))
-    assert state["step"] == train_losses(stopped)[-1][0] < 100
+    assert state["step"] == train_losses(stopped)[-1][0] < 80
     assert state["data_position"]["order"] == "strided"
 
-    resume(run_cli, tiny_flags(data_dir, stopped, ckpt_interval=1000, **common))
+    train(resume_config(stopped))
     assert train_losses(stopped) == train_losses(reference)
     assert val_losses(stopped) == val_losses(reference)
 
 
-def test_sigint_leaves_a_checkpoint_and_exits_130(data_dir: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    process = start_training(tiny_flags(data_dir, run_dir, max_steps=100_000), tmp_path)
-    wait_for_step(process, run_dir, 3)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "stopped by SIGINT" in stderr
-    latest = ckpt.latest_checkpoint(run_dir)
-    assert ckpt.read_state(latest)["step"] == train_losses(run_dir)[-1][0]
-    assert (latest / "trainer.pt").is_file()
+def test_sigint_saves_at_once_and_exits_130(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Ctrl-C after step 3 (sent to this process from inside the step): the step finishes, a
+    checkpoint of step 3 is saved, the handlers are put back."""
+    real_step = mllm.train.train_step
+    calls = []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.train, "train_step", step_then_interrupt)
+    handler_before = signal.getsignal(signal.SIGINT)
+    result = train(config_for(data_dir, tmp_path / "run", max_steps=1000))
+    assert result.exit_code == 130 and result.step == 3 and len(calls) == 3
+    assert ckpt.read_state(result.checkpoint)["step"] == 3
+    assert result.checkpoint == ckpt.latest_checkpoint(tmp_path / "run")
+    assert "stopped by SIGINT at step 3" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 @pytest.fixture
@@ -142,11 +150,6 @@ def short_run(data_dir: Path, tmp_path: Path) -> Path:
     run_dir = tmp_path / "short"
     train(config_for(data_dir, run_dir, max_steps=4, ckpt_interval=2, eval_interval=2))
     return run_dir
-
-
-def resume_config(run_dir: Path, *flags: str | Path):
-    """What `mllm train --run-dir RUN_DIR --resume FLAGS...` resolves to."""
-    return config_from_flags(["--run-dir", run_dir, "--resume", *flags])
 
 
 def test_resume_refuses_a_changed_model_shape(run_cli, data_dir: Path, short_run: Path) -> None:
@@ -191,18 +194,16 @@ def test_resume_alone_continues_with_the_saved_config(data_dir: Path, short_run:
     assert already.step == 6  # nothing to do: says so and leaves the run as it is
 
 
-def test_diverged_run_stops_without_saving(run_cli, data_dir: Path, short_run: Path) -> None:
+def test_diverged_run_stops_without_saving(short_run: Path) -> None:
     """An absurd learning rate turns the loss to NaN/inf: exit 1, one line naming the step, and
     the last good checkpoint is still the latest, with finite weights."""
-    flags = ["--run-dir", short_run, "--resume", "--lr", "1e30", "--max-steps", "12"]
-    result = run_cli("train", *flags, env=CLI_ENV)
-    assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0])
-    assert "training diverged" in errors[0] and "step_000004" in errors[0]
+    with pytest.raises(MllmError) as info:
+        train(resume_config(short_run, "--lr", "1e30", "--max-steps", "12"))
+    message = str(info.value)
+    assert info.value.exit_code == 1 and "\n" not in message
+    assert message.startswith("training diverged") and "step_000004" in message
     latest = ckpt.latest_checkpoint(short_run)
     assert latest.name == "step_000004"
     weights = load_file(latest / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
-    assert max(s for s, _ in train_losses(short_run)) <= 12
     assert all(math.isfinite(r.get("loss", 0.0)) for r in read_metrics(short_run))

@@ -141,14 +141,16 @@ def test_bad_flag_values_exit_2_with_one_line(
     assert not (tmp_path / "r").exists()
 
 
-def test_context_longer_than_the_data_exits_2(run_cli, tmp_path: Path) -> None:
+def test_context_longer_than_the_data_is_a_bad_flag_value(tmp_path: Path) -> None:
     write_data_dir(tmp_path / "small", val_tokens=20)
-    result = run_cli(
-        "train", *tiny_flags(tmp_path / "small", tmp_path / "r", context=32), env=CLI_ENV
+    with pytest.raises(UsageError) as info:
+        train(config_for(tmp_path / "small", tmp_path / "r", context=32))
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    assert str(info.value).startswith("--context 32:") and "val.bin holds 20 tokens" in str(
+        info.value
     )
-    assert result.returncode == 2, result.stderr
-    assert "--context 32" in result.stderr and "val.bin holds 20 tokens" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert "use --context 19 or less" in str(info.value)
+    assert not (tmp_path / "r").exists()
 
 
 def test_vocab_size_smaller_than_the_data_is_refused(data_dir: Path, tmp_path: Path) -> None:
