@@ -145,11 +145,10 @@ def test_context_longer_than_the_data_is_a_bad_flag_value(tmp_path: Path) -> Non
     write_data_dir(tmp_path / "small", val_tokens=20)
     with pytest.raises(UsageError) as info:
         train(config_for(tmp_path / "small", tmp_path / "r", context=32))
-    assert info.value.exit_code == 2 and "\n" not in str(info.value)
-    assert str(info.value).startswith("--context 32:") and "val.bin holds 20 tokens" in str(
-        info.value
-    )
-    assert "use --context 19 or less" in str(info.value)
+    message = str(info.value)
+    assert info.value.exit_code == 2 and "\n" not in message
+    assert message.startswith("--context 32:") and "val.bin holds 20 tokens" in message
+    assert "use --context 19 or less" in message
     assert not (tmp_path / "r").exists()
 
 
