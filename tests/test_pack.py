@@ -353,6 +353,26 @@ def test_failure_mid_way_keeps_previous_outputs(
     check_bins(folder, load_data_meta(folder))
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_full_disk_is_one_clear_error_and_keeps_previous_outputs(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = fresh_inputs(data_dir, tmp_path / "d")
+    pack_corpus(PackConfig(data_dir=folder, workers=1))
+    before = snapshot(folder)
+    (folder / "corpus.txt").write_text("another corpus\nwith two documents\n")
+
+    # the staged bins write to /dev/full, where every write fails with ENOSPC
+    def open_dev_full(_: Path, mode: str):
+        return open("/dev/full", mode)  # StagedBins closes it
+
+    monkeypatch.setattr(pack_module, "open", open_dev_full, raising=False)
+    with pytest.raises(MllmError, match=r"cannot write train\.bin .*No space left on device"):
+        pack_corpus(PackConfig(data_dir=folder, workers=1))
+    assert snapshot(folder) == before
+    assert leftovers(folder) == []
+
+
 def test_interrupt_mid_way_keeps_previous_outputs(data_dir: Path, tmp_path: Path) -> None:
     """Ctrl-C during encoding (two worker processes): exit 130, previous set intact, no temps."""
     folder = fresh_inputs(data_dir, tmp_path / "d")

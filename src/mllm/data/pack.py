@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import datetime
 import hashlib
 import json
@@ -320,7 +321,8 @@ class StagedBin:
 
     def write(self, ids: np.ndarray, documents: int) -> None:
         data = ids.tobytes()
-        self.file.write(data)
+        with _clear_write_errors(self.final):
+            self.file.write(data)
         self.digest.update(data)
         self.tokens += len(ids)
         self.documents += documents
@@ -336,9 +338,22 @@ class StagedBin:
         )
 
     def finish(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with _clear_write_errors(self.final):
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+
+@contextlib.contextmanager
+def _clear_write_errors(path: Path) -> Iterator[None]:
+    """A failed write (a full disk, most often) as one clear MllmError naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise MllmError(
+            f"cannot write {path.name} in {path.parent}: {e.strerror or e} "
+            "(free some space or pass another --output-dir); the previous outputs are kept"
+        ) from None
 
 
 class StagedBins:
@@ -365,7 +380,8 @@ class StagedBins:
 
     def _discard(self) -> None:
         for staged in self.bins.values():
-            staged.file.close()
+            with contextlib.suppress(OSError):  # e.g. the disk is still full: it is gone anyway
+                staged.file.close()
             staged.temp.unlink(missing_ok=True)
 
     def commit(self, meta: DataMeta) -> None:
