@@ -420,8 +420,10 @@ def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def to_device(
     batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if device.type == "cuda":  # pinned memory lets the copy overlap the previous step
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)  # type: ignore[return-value]
+    """(x, y) on the device; on CUDA through pinned memory, so the copy overlaps the GPU's work."""
+    if device.type == "cuda":
+        x, y = (t.contiguous().pin_memory().to(device, non_blocking=True) for t in batch)
+        return x, y
     return batch[0].to(device), batch[1].to(device)
 
 
@@ -690,9 +692,11 @@ def diverged_error(run: Run, stats: StepStats) -> MllmError:
 def stopped_by_signal(run: Run, stop: StopOnSignal) -> TrainResult:
     signum = stop.signum or signal.SIGTERM  # another rank's signal stopped this one
     if run.dist.is_main:
-        err_console.print(
+        err_console.print(  # even with --quiet: it says why the run ended and how to go on
             f"stopped by {signal.Signals(signum).name} at step {run.step:,}: saved "
-            f"{run.last_checkpoint}; continue with `mllm train --resume --run-dir {run.run_dir}`"
+            f"{run.last_checkpoint}; continue with `mllm train --resume --run-dir {run.run_dir}`",
+            markup=False,
+            soft_wrap=True,
         )
     return TrainResult(run.step, run.last_checkpoint, exit_code=128 + signum)
 
