@@ -1,0 +1,422 @@
+"""Training speed of `mllm train` on the bench config, beside a plain baseline, in one run.
+
+Bench config: 6 layers, 6 heads, d_model 384, context 256, batch 16, vocab 16,000, dropout 0,
+trained on random tokens written to a temporary data dir. Three measurements, in this order so
+that the machine's noise (the cores may be shared) falls on all of them:
+
+1. paired steps, in this process: the step `mllm train` runs (its own `prepare_model`,
+   `train_step`, `build_optimizer`) alternated step by step with a plain, well-written baseline
+   step: nanoGPT-style (same GPT, logits of every position, `F.cross_entropy` on fp32 logits, the
+   whole forward compiled, torch AdamW fused only on CUDA as nanoGPT does, bf16 autocast);
+2. `python -m mllm train` itself with its default settings (only the model shape, batch, step
+   count, log interval and the size of the final evaluation are given): tokens/s from the warm
+   intervals of its metrics.jsonl (the first interval, which compiles, is left out);
+3. what each part of a step costs: forward (which here includes the head's fused gradient),
+   backward, the optimizer (clip + AdamW), and the head + cross-entropy alone, ours vs plain.
+
+MFU counts model.flops_per_token() (6·N + 12·layers·d·context) against the matmul peak of the
+precision in use, measured here with a large matmul (best of several, before and after).
+Prints one JSON line. Run: python benchmarks/bench_train.py [--steps 20] [--paired-steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm import train as training
+from mllm.config import ModelConfig, TrainConfig
+from mllm.data.meta import DATA_JSON, DataMeta, SplitMeta
+from mllm.device import DTYPE_NAMES, DistributedInfo, autocast, pick_device, resolve_train_dtype
+from mllm.fileio import atomic_write_json
+from mllm.flops import measure_matmul_flops, peak_flops
+from mllm.losses import linear_cross_entropy
+from mllm.model import GPT
+from mllm.optim import build_optimizer
+
+BENCH_MODEL = {"context": 256, "d_model": 384, "layers": 6, "heads": 6, "dropout": 0.0}
+VOCAB_SIZE = 16_000
+BATCH_SIZE = 16
+TRAIN_TOKENS = 1 << 20
+VAL_TOKENS = 1 << 14
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.device)
+    dtype = resolve_train_dtype("auto", device)  # the default of mllm train
+    model_config = ModelConfig(vocab_size=VOCAB_SIZE, **BENCH_MODEL)
+    tokens_per_step = BATCH_SIZE * model_config.context
+    flops_per_token = GPT(model_config).flops_per_token()
+
+    peaks = [measure_peak(device, dtype)]
+    with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
+        data_dir = write_random_data(Path(tmp) / "data")
+        paired = measure_paired_steps(model_config, data_dir, device, dtype, args.paired_steps)
+        parts = measure_parts(model_config, device, dtype, args.part_repeats)
+        peaks.append(measure_peak(device, dtype))
+        command, cli = run_mllm_train(data_dir, Path(tmp) / "run", args.steps, args.log_interval)
+    peaks.append(measure_peak(device, dtype))
+    peak = max(peaks)
+
+    def rate(ms_per_step: float) -> dict[str, float]:
+        tokens_per_s = tokens_per_step / (ms_per_step / 1e3)
+        return {
+            "tokens_per_s": round(tokens_per_s, 1),
+            "ms_per_step": round(ms_per_step, 1),
+            "mfu": round(flops_per_token * tokens_per_s / peak, 4),
+        }
+
+    ours_ms, base_ms = paired["ours_ms"], paired["baseline_ms"]
+    result = {
+        "benchmark": "train",
+        "command": command,
+        **rate(cli["ms_per_step"]),
+        "precision": DTYPE_NAMES[dtype],
+        "peak_flops": round(peak),
+        "peak_flops_fp32": round(measure_peak(device, torch.float32)),
+        "flops_per_token": flops_per_token,
+        "tokens_per_step": tokens_per_step,
+        "mllm_train": cli,
+        "paired_in_process": {
+            "ours": rate(statistics.median(ours_ms)),
+            "baseline": rate(statistics.median(base_ms)),
+            "speedup": round(statistics.median(base_ms) / statistics.median(ours_ms), 3),
+            "ours_ms_all": [round(t) for t in ours_ms],
+            "baseline_ms_all": [round(t) for t in base_ms],
+            "baseline_is": BASELINE_DESCRIPTION,
+        },
+        "parts_ms": parts,
+        "changes": active_changes(device, dtype, model_config),
+        "device": describe_device(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "config": {**BENCH_MODEL, "vocab_size": VOCAB_SIZE, "batch_size": BATCH_SIZE},
+    }
+    print(json.dumps(result))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="steps of the mllm train run")
+    parser.add_argument("--log-interval", type=int, default=5, help="steps per timed interval")
+    parser.add_argument(
+        "--paired-steps", type=int, default=6, help="timed steps of each side, alternated"
+    )
+    parser.add_argument("--part-repeats", type=int, default=3, help="timings of each part")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    return parser.parse_args()
+
+
+# --- Data and peak -------------------------------------------------------------------------------
+
+
+def write_random_data(data_dir: Path) -> Path:
+    """Uniformly random uint16 tokens in train.bin / val.bin, and a data.json that describes them
+    (there is no tokenizer: training only needs the bins and their metadata)."""
+    data_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, count in (("train", TRAIN_TOKENS), ("val", VAL_TOKENS)):
+        rng.integers(0, VOCAB_SIZE, size=count, dtype=np.uint16).tofile(data_dir / f"{name}.bin")
+    meta = DataMeta(
+        tokenizer_sha256="0" * 64,
+        vocab_size=VOCAB_SIZE,
+        dtype="uint16",
+        eot_id=VOCAB_SIZE - 1,
+        train=SplitMeta(file="train.bin", tokens=TRAIN_TOKENS, documents=1),
+        val=SplitMeta(file="val.bin", tokens=VAL_TOKENS, documents=1),
+        pack_id="bench-train-random-tokens",
+    )
+    atomic_write_json(data_dir / DATA_JSON, meta.model_dump(mode="json"))
+    return data_dir
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Matmul peak FLOP/s in `dtype`: the GPU table where known, else best of several runs."""
+    if device.type == "cuda":
+        return peak_flops("cuda", dtype, torch.cuda.get_device_name(device))
+    return measure_matmul_flops(device, dtype, size=2048, repeats=8)
+
+
+# --- 1. Paired steps: mllm train's step against the baseline ------------------------------------
+
+BASELINE_DESCRIPTION = (
+    "nanoGPT-style step on the same GPT: compiled forward computing full logits, "
+    "F.cross_entropy on fp32 logits, torch AdamW (fused only on CUDA, foreach on CPU), "
+    "clip 1.0, autocast in the same precision"
+)
+
+
+class PlainLoss(nn.Module):
+    """The baseline's loss: logits of every position, then cross-entropy in fp32."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def baseline_optimizer(model: GPT, device: torch.device) -> torch.optim.AdamW:
+    """nanoGPT's configure_optimizers: decay on matrices, fused only on CUDA."""
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=fused or None)
+
+
+def make_baseline_step(
+    model_config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    model = GPT(model_config).to(device)
+    module = torch.compile(PlainLoss(model))
+    optimizer = baseline_optimizer(model, device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(device, dtype):
+            loss = module(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_mllm_step(
+    model_config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The step `mllm train` runs, built by its own functions with its default config."""
+    config = TrainConfig(model=model_config, batch_size=BATCH_SIZE)
+    model = GPT(model_config).to(device)
+    optimizer = build_optimizer(model, config, device)
+    module = training.prepare_model(model, config, device, DistributedInfo())
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        training.train_step(module, optimizer, scaler, [(x, y)], device, dtype, config.grad_clip)
+
+    return step
+
+
+def measure_paired_steps(
+    model_config: ModelConfig,
+    data_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+) -> dict[str, list[float]]:
+    """Milliseconds per step of mllm train's step and the baseline's, alternated step by step
+    after two warm-up (compiling) steps each."""
+    torch.manual_seed(0)
+    steps_by_name = {
+        "ours_ms": make_mllm_step(model_config, device, dtype),
+        "baseline_ms": make_baseline_step(model_config, device, dtype),
+    }
+    batches = random_batches(model_config, device, steps + 2)
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for index, (x, y) in enumerate(batches):
+        for name, step in steps_by_name.items():
+            elapsed = timed(functools.partial(step, x, y), device)
+            if index >= 2:
+                times[name].append(elapsed)
+    return times
+
+
+def random_batches(
+    model_config: ModelConfig, device: torch.device, count: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    shape = (BATCH_SIZE, model_config.context + 1)
+    windows = [torch.randint(0, VOCAB_SIZE, shape, generator=generator) for _ in range(count)]
+    return [(w[:, :-1].to(device), w[:, 1:].to(device)) for w in windows]
+
+
+def timed(work: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds `work` takes, device-synchronised."""
+    synchronize(device)
+    start = time.perf_counter()
+    work()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# --- 2. mllm train itself ------------------------------------------------------------------------
+
+
+def run_mllm_train(
+    data_dir: Path, run_dir: Path, steps: int, log_interval: int
+) -> tuple[str, dict]:
+    """Run `python -m mllm train` with its defaults on the bench shape; its warm intervals'
+    tokens/s from metrics.jsonl."""
+    args = [
+        "train",
+        "--data-dir", str(data_dir),
+        "--run-dir", str(run_dir),
+        "--context", str(BENCH_MODEL["context"]),
+        "--d-model", str(BENCH_MODEL["d_model"]),
+        "--layers", str(BENCH_MODEL["layers"]),
+        "--heads", str(BENCH_MODEL["heads"]),
+        "--dropout", str(BENCH_MODEL["dropout"]),
+        "--batch-size", str(BATCH_SIZE),
+        "--max-steps", str(steps),
+        "--log-interval", str(log_interval),
+        "--eval-batches", "1",
+        "--quiet",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "mllm", *args], capture_output=True, text=True, check=False
+    )
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"mllm train failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open(encoding="utf-8")]
+    intervals = [r for r in records if "tokens_per_s" in r]
+    warm = [r["tokens_per_s"] for r in intervals if not r.get("cold")]
+    if not warm:
+        raise SystemExit("mllm train logged no warm interval: raise --steps")
+    tokens_per_step = BATCH_SIZE * BENCH_MODEL["context"]
+    command = "python -m mllm " + " ".join(
+        "DATA" if a == str(data_dir) else "RUN" if a == str(run_dir) else a for a in args
+    )
+    return command, {
+        "ms_per_step": tokens_per_step / statistics.median(warm) * 1e3,
+        "intervals": [
+            {"step": r["step"], "tokens_per_s": round(r["tokens_per_s"], 1), "cold": r["cold"]}
+            for r in intervals
+        ],
+        "final_loss": round(intervals[-1]["loss"], 4),
+        "wall_s": round(wall, 1),
+    }
+
+
+# --- 3. Parts of a step --------------------------------------------------------------------------
+
+
+def measure_parts(
+    model_config: ModelConfig, device: torch.device, dtype: torch.dtype, repeats: int
+) -> dict[str, float]:
+    """Median milliseconds of each part of mllm train's step, timed one part at a time, and of the
+    head + cross-entropy alone (forward and backward), fused vs plain, both compiled."""
+    config = TrainConfig(model=model_config, batch_size=BATCH_SIZE)
+    model = GPT(model_config).to(device)
+    optimizer = build_optimizer(model, config, device)
+    module = training.prepare_model(model, config, device, DistributedInfo())
+    x, y = random_batches(model_config, device, 1)[0]
+    params = [p for p in model.parameters()]
+    state: dict[str, torch.Tensor] = {}
+
+    def forward() -> None:
+        with autocast(device, dtype):
+            state["loss"] = module(x, y)
+
+    def backward() -> None:
+        state["loss"].backward()
+
+    def optimizer_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    for index in range(repeats + 2):  # two warm-up (compiling) rounds
+        for name, work in (("forward", forward), ("backward", backward)):
+            elapsed = timed(work, device)
+            if index >= 2:
+                times[name].append(elapsed)
+        elapsed = timed(optimizer_step, device)
+        if index >= 2:
+            times["optimizer"].append(elapsed)
+
+    hidden = torch.randn(BATCH_SIZE, model_config.context, model_config.d_model, device=device)
+    hidden.requires_grad_()
+    weight = model.head_weight
+
+    def plain_head(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(F.linear(h, w).flatten(0, 1).float(), t.flatten())
+
+    for name, loss_fn in (
+        ("head_ce_fused", torch.compile(linear_cross_entropy)),
+        ("head_ce_plain", torch.compile(plain_head)),
+    ):
+
+        def head(loss_fn: Callable = loss_fn) -> None:
+            with autocast(device, dtype):
+                loss = loss_fn(hidden, weight, y)
+            loss.backward()
+
+        times[name] = [timed(head, device) for _ in range(repeats + 2)][2:]
+        hidden.grad = None
+        weight.grad = None
+
+    parts = {name: round(statistics.median(values), 1) for name, values in times.items()}
+    parts["step_sum"] = round(parts["forward"] + parts["backward"] + parts["optimizer"], 1)
+    return parts
+
+
+# --- Description ---------------------------------------------------------------------------------
+
+
+def active_changes(device: torch.device, dtype: torch.dtype, model_config: ModelConfig) -> list:
+    """What makes mllm train's step fast, read from the objects it builds (not a fixed list)."""
+    config = TrainConfig(model=model_config)
+    model = GPT(model_config)
+    optimizer = build_optimizer(model, config, device)
+    changes = []
+    if dtype != torch.float32:
+        changes.append(f"{DTYPE_NAMES[dtype]} autocast (--dtype auto picks it on this device)")
+    if config.compile:
+        changes.append("torch.compile of model + loss as one graph (TrainingLoss module)")
+    changes.append(
+        "fused chunked head + cross-entropy (mllm.losses): no full logits, the head's gradient "
+        "computed in forward per row chunk (3 head matmuls, no recomputation)"
+    )
+    if optimizer.defaults.get("fused"):
+        changes.append(f"fused AdamW on {device.type} (one kernel for all parameters)")
+    changes.append("no host sync per step (loss and grad norm read at log boundaries only)")
+    return changes
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or "cpu"
+    return device.type
+
+
+if __name__ == "__main__":
+    main()
