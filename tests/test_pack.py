@@ -120,18 +120,22 @@ def test_pack_round_trip_every_document_once(run_cli, data_dir: Path, tmp_path, 
 
 
 def test_deterministic_across_runs_and_worker_counts(run_cli, data_dir: Path, tmp_path) -> None:
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert (
-        pack_cli(run_cli, "--data-dir", data_dir, "--output-dir", one, "--workers", 1).returncode
-        == 0
-    )
-    assert (
-        pack_cli(run_cli, "--data-dir", data_dir, "--output-dir", two, "--workers", 2).returncode
-        == 0
-    )
+    """Several blocks in flight at once (4.5 MB, 1 MiB blocks) come out in the same order."""
+    corpus = tmp_path / "corpus.txt"
+    lines = (data_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    corpus.write_text("".join(f"{i}: {line}\n" for i in range(18) for line in lines))
+    common = ("--corpus", corpus, "--tokenizer", data_dir / "tokenizer.json")
+    for name, workers in (("one", 1), ("two", 2), ("three", 3)):
+        result = pack_cli(run_cli, *common, "--output-dir", tmp_path / name, "--workers", workers)
+        assert result.returncode == 0, result.stderr
     for name in ("train.bin", "val.bin"):
-        assert (one / name).read_bytes() == (two / name).read_bytes()
-    assert load_data_meta(one).pack_id == load_data_meta(two).pack_id
+        one = (tmp_path / "one" / name).read_bytes()
+        assert (
+            one
+            == (tmp_path / "two" / name).read_bytes()
+            == (tmp_path / "three" / name).read_bytes()
+        )
+    assert load_data_meta(tmp_path / "one").pack_id == load_data_meta(tmp_path / "three").pack_id
 
 
 def test_different_seed_different_split(run_cli, data_dir: Path, tmp_path) -> None:
