@@ -499,6 +499,23 @@ def test_piece_cache_matches_reference_on_any_text(tokenizer: Tokenizer, documen
     assert np.array_equal(encoder.encode(documents), expected)  # again, from the cache
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.from_regex(r" ?(?:[A-Za-z]+|[0-9]+)", fullmatch=True),  # the BPE-model-only path
+            st.from_regex(r" ?\S+", fullmatch=True),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_piece_encoding_matches_the_tokenizer(tokenizer: Tokenizer, pieces: list[str]) -> None:
+    encoder = PieceCacheEncoder(tokenizer, eot_id(tokenizer))
+    expected = [tokenizer.encode(p, add_special_tokens=False).ids for p in pieces]
+    assert encoder._encode_pieces(pieces) == expected
+
+
 def test_tokenizer_starts_a_pre_token_at_a_space_before_any_non_space(tokenizer) -> None:
     """The fact the piece cache rests on, checked for code points across all of Unicode (every
     one below U+3100, every 127th above): for any character c that Python's \\s does not match,

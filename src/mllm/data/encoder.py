@@ -29,6 +29,10 @@ pre-tokenizer with its regex and no prefix space, BPE without dropout, only spec
 tokens, which `load_tokenizer` makes encode as text). Any other tokenizer gets
 `ReferenceEncoder`.
 
+New pieces: a piece that is one ASCII word or number is a single pre-token (` ?\p{L}+` or
+` ?\p{N}+` matches all of it), so it goes straight to the BPE model (`model.tokenize`, ~2 µs);
+any other goes through the whole pipeline (`encode_batch_fast`, ~7 µs).
+
 Memory: the cache holds at most `max_pieces` pieces (then starts afresh), so it is bounded
 whatever the corpus size; English text reuses a modest set of pieces (" the", " of", ...).
 """
@@ -47,6 +51,8 @@ from tokenizers import Tokenizer
 _SPACE_NOT_BEFORE_TEXT = re.compile(r" (?!\S)")
 # The spaces we cut at: each is followed by a non-space character (and starts the next piece).
 _SPACE_BEFORE_TEXT = re.compile(r" (?=\S)")
+# A piece that is exactly one pre-token of ` ?\p{L}+` or ` ?\p{N}+` (ASCII only: safe to map).
+_ONE_WORD = re.compile(r" ?(?:[A-Za-z]+|[0-9]+)")
 # Cache keys. A document never contains "\n", so keys starting with it cannot clash with pieces:
 # "\n" + piece is a document's first piece (encoded as is); any other key k is encoded as " " + k.
 _FIRST = "\n"
@@ -116,10 +122,28 @@ class PieceCacheEncoder:
     def _learn(self, keys: list[str]) -> None:
         """Encode new keys and add them to the cache."""
         texts = [k[1:] if k[0] == _FIRST else " " + k for k in keys]
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         first_row = len(self._index)
         self._index.update(zip(keys, range(first_row, first_row + len(keys)), strict=True))
-        self._append([e.ids for e in encodings])
+        self._append(self._encode_pieces(texts))
+
+    def _encode_pieces(self, texts: list[str]) -> list[list[int]]:
+        """Each piece's ids. A piece that is one ASCII word or number (62% of new pieces in
+        English) is one pre-token, so the BPE model alone encodes it, ~3x faster than the
+        whole pipeline; its byte-level form is itself, with "Ġ" for the leading space."""
+        ids: list[list[int]] = [[]] * len(texts)
+        others: list[int] = []
+        tokenize = self.tokenizer.model.tokenize
+        for i, text in enumerate(texts):
+            if _ONE_WORD.fullmatch(text):
+                ids[i] = [token.id for token in tokenize(text.replace(" ", "Ġ"))]
+            else:
+                others.append(i)
+        batch = [texts[i] for i in others]
+        for i, encoding in zip(
+            others, self.tokenizer.encode_batch_fast(batch, add_special_tokens=False), strict=True
+        ):
+            ids[i] = encoding.ids
+        return ids
 
     @staticmethod
     def _keys(documents: list[str]) -> list[str]:
