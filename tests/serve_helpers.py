@@ -119,7 +119,6 @@ class ServerProcess:
     def __init__(self, run_dir: Path, *args: str, log_path: Path | None = None) -> None:
         self.log_path = log_path or run_dir / "serve.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
-        env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [

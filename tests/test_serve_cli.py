@@ -78,6 +78,8 @@ def test_model_name_checkpoint_and_clean_exit_on_sigterm(run_dir: Path, tmp_path
         str(checkpoint),
         "--model-name",
         "my-model",
+        "--threads",
+        "1",
         log_path=tmp_path / "serve.log",
     )
     try:

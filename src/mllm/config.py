@@ -277,6 +277,11 @@ class ServeConfig(CommandConfig):
     max_request_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body accepted (larger: HTTP 413)."
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for the model (default: all cores but one, left to HTTP).",
+    )
     device: DeviceName = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Precision of decoding (auto: fastest measured for the device)."

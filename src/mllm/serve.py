@@ -23,6 +23,7 @@ import copy
 import errno
 import itertools
 import json
+import os
 import socket
 import time
 import uuid
@@ -483,6 +484,18 @@ def uvicorn_log_config(quiet: bool) -> dict[str, Any]:
     return config
 
 
+def decode_threads() -> int:
+    """Intra-op threads for decoding: all cores but one. The event loop (HTTP, JSON, tokenising)
+    needs a core, and a step whose threads must all meet at each op's barrier slows down badly
+    when any of its cores is busy: on 2 shared cores, 2 threads measured 3-5x slower per step
+    than 1 (see the serve section of the README)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
     """Load the checkpoint and its tokenizer (refusing a mismatch) and start the engine."""
     import torch
@@ -501,7 +514,7 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
             f"{vocab_size}: pass the run's own tokenizer.json"
         )
-    torch.set_grad_enabled(False)
+    torch.set_num_threads(config.threads or decode_threads())
     engine = Engine(
         loaded.model,
         token_byte_table(tokenizer),
