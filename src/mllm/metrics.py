@@ -93,6 +93,7 @@ def plot_losses(path: Path, records: list[dict[str, Any]]) -> None:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
 
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -103,6 +104,7 @@ def plot_losses(path: Path, records: list[dict[str, Any]]) -> None:
         axes.plot(*zip(*train, strict=True), label="train", linewidth=1, alpha=0.8)
     if val:
         axes.plot(*zip(*val, strict=True), label="val", marker="o", markersize=3)
+    axes.xaxis.set_major_formatter(EngFormatter())  # 2M, not 2000000
     axes.set_xlabel("tokens")
     axes.set_ylabel("loss (nats/token)")
     axes.grid(alpha=0.3)
