@@ -492,3 +492,25 @@ def test_any_body_gets_200_or_a_clean_4xx(client: httpx.Client, body: dict[str, 
     else:
         assert 400 <= response.status_code < 500, response.text
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_fastapi_validation_errors_become_400_in_the_api_shape() -> None:
+    """No route of ours lets FastAPI validate (bodies are parsed by hand, to cap their size),
+    but any that did would answer 400 in the API's shape, not FastAPI's 422."""
+    from fastapi.testclient import TestClient
+
+    from mllm.serve import ServedModel, create_app
+
+    served = ServedModel(
+        name=MODEL, created=0, context=CONTEXT, vocab_size=10, tokenizer=None, engine=None
+    )
+    app = create_app(served)
+
+    @app.get("/probe")
+    async def probe(count: int) -> dict[str, int]:
+        return {"count": count}
+
+    with TestClient(app) as test_client:
+        assert test_client.get("/probe", params={"count": 3}).json() == {"count": 3}
+        response = test_client.get("/probe", params={"count": "three"})
+    assert_error(response, 400, param="query.count", match="integer")
