@@ -18,7 +18,7 @@ from helpers_runs import (
 from mllm.checkpoint import load_checkpoint
 from mllm.cli import app
 from mllm.config import ModelConfig
-from mllm.generate import Decoder, fit_prompt, generate_ids, slide_keep
+from mllm.generate import Decoder, fit_prompt, generate_ids, prepare_for_decoding, slide_keep
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
 from mllm.textstream import TextStream, token_byte_table
@@ -79,6 +79,21 @@ def test_each_cached_step_gives_the_full_forward_logits() -> None:
         decoder.step(ids[:, 0])
 
 
+def test_decoding_layout_changes_memory_order_not_values() -> None:
+    model = tiny_gpt(dtype=torch.float32)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(ids)
+        weights = {name: p.clone() for name, p in model.named_parameters()}
+        prepare_for_decoding(model)
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, weights[name])
+    assert model.blocks[0].ffn.down.weight.stride() == (1, model.config.d_model)  # (in, out)
+    cached = greedy_with_cache(model, [3, 4, 5], 30)
+    assert cached == greedy_by_full_recompute(model, [3, 4, 5], 30)
+
+
 def test_slide_keeps_three_quarters_of_the_context() -> None:
     assert [slide_keep(c) for c in (1, 2, 4, 16, 256, 1024)] == [1, 1, 3, 12, 192, 768]
     assert fit_prompt([1, 2, 3, 4, 5], 3) == [3, 4, 5]
@@ -124,7 +139,7 @@ def expected_greedy_text(checkpoint: Path, prompt: str, new_tokens: int, stop=()
     loaded = load_checkpoint(checkpoint)
     tokenizer = load_test_tokenizer(checkpoint.parent.parent / "tokenizer.json")
     ids = generate_ids(
-        Decoder(loaded.model),
+        Decoder(prepare_for_decoding(loaded.model)),
         fit_prompt(tokenizer.encode(prompt).ids, loaded.config.context),
         GREEDY,
         new_tokens,
