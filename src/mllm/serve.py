@@ -283,52 +283,45 @@ async def stream_chunks(
     """Server-sent events in the API's chunk format, ending with `data: [DONE]`.
 
     Events waiting together are merged (one chunk per choice per wake-up), so a busy server
-    sends fewer, larger chunks instead of falling behind. Leaving this generator early (the
-    client disconnected) cancels the request's sequences.
+    sends fewer, larger chunks instead of falling behind. (The response that sends these cancels
+    the job when it ends, however it ends: see JobStream in create_app.)
     """
     choices = [ChoiceState() for _ in job.sequences]
     head = {"id": job.id, "object": "text_completion", "created": job.created, "model": model}
-    try:
-        while any(choice.finish_reason is None for choice in choices):
-            items = [await job.queue.get()]
-            while not job.queue.empty():
-                items.append(job.queue.get_nowait())
-            ready: dict[int, list[str]] = {}
-            finished: set[int] = set()
-            for index, event in items:
-                try:
-                    apply_event(choices[index], event)
-                except ApiError as error:
-                    yield sse(error.body())
-                    yield sse("[DONE]")
-                    return
-                if isinstance(event, TextDelta):
-                    ready.setdefault(index, []).append(event.text)
-                elif isinstance(event, Finished):
-                    ready.setdefault(index, [])
-                    finished.add(index)
-            for index, texts in ready.items():
-                chunk: dict[str, Any] = {
-                    **head,
-                    "choices": [
-                        {
-                            "text": "".join(texts),
-                            "index": index,
-                            "logprobs": None,
-                            "finish_reason": choices[index].finish_reason
-                            if index in finished
-                            else None,
-                        }
-                    ],
-                }
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": usage_of(job, choices).model_dump()})
-        yield sse("[DONE]")
-    finally:
-        job.cancel()
+    while any(choice.finish_reason is None for choice in choices):
+        ready: dict[int, list[str]] = {}  # choice index -> text that arrived
+        for index, event in await drain(job.queue):
+            try:
+                apply_event(choices[index], event)
+            except ApiError as error:  # decoding failed: say so and end the stream
+                yield sse(error.body())
+                yield sse("[DONE]")
+                return
+            texts = ready.setdefault(index, [])
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+        for index, texts in ready.items():
+            choice = {
+                "text": "".join(texts),
+                "index": index,
+                "logprobs": None,
+                "finish_reason": choices[index].finish_reason,  # None until the last chunk
+            }
+            chunk: dict[str, Any] = {**head, "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None
+            yield sse(chunk)
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage_of(job, choices).model_dump()})
+    yield sse("[DONE]")
+
+
+async def drain(queue: asyncio.Queue[Any]) -> list[Any]:
+    """The next item of `queue` and every item already waiting behind it."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -344,6 +337,20 @@ def create_app(served: ServedModel) -> Any:
     from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="mllm", summary="OpenAI-compatible completions over an mllm checkpoint")
+
+    class JobStream(StreamingResponse):
+        """A streamed completion that cancels its sequences however the response ends, even
+        when the client leaves before the first chunk (the generator never starts then)."""
+
+        def __init__(self, job: CompletionJob, chunks: AsyncIterator[bytes]) -> None:
+            super().__init__(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+            self.job = job
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.job.cancel()
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -427,11 +434,7 @@ def create_app(served: ServedModel) -> Any:
         job = build_job(completion, prompts, budgets)
         served.engine.submit(job.sequences)
         if completion.stream:
-            return StreamingResponse(
-                stream_chunks(job, served.name, completion.include_usage),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
+            return JobStream(job, stream_chunks(job, served.name, completion.include_usage))
         result = await collect(job, request, served.name)
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
