@@ -189,7 +189,12 @@ class TrainConfig(CommandConfig):
         description="Validation batches (of batch-size x processes windows) per evaluation; "
         "the same windows every time.",
     )
-    ckpt_interval: int = Field(1000, ge=1, description="Steps between checkpoints.")
+    ckpt_interval: int = Field(
+        1000,
+        ge=1,
+        description="Steps between checkpoints (one is also saved at each new best val loss, at "
+        "the end, and on SIGINT/SIGTERM).",
+    )
     keep_last: int = Field(3, ge=1, description="Checkpoints kept (plus the best by val loss).")
     log_interval: int = Field(10, ge=1, description="Steps between metrics.jsonl records.")
     seed: int = Field(1337, description="Seed of initialisation and data order.")
@@ -197,8 +202,14 @@ class TrainConfig(CommandConfig):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Precision: auto picks bf16 where the hardware has it, else fp16/fp32."
     )
-    compile: bool = Field(True, description="torch.compile the model.")
-    resume: bool = Field(False, description="Continue from the run dir's latest checkpoint.")
+    compile: bool = Field(
+        True, description="torch.compile the model and its loss (the first steps take longer)."
+    )
+    resume: bool = Field(
+        False,
+        description="Continue the run in --run-dir from its latest checkpoint, with its saved "
+        "config (options given now override it).",
+    )
 
     @model_validator(mode="after")
     def _lr_range(self) -> TrainConfig:
