@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from helpers_runs import (
@@ -18,7 +19,14 @@ from helpers_runs import (
 from mllm.checkpoint import load_checkpoint
 from mllm.cli import app
 from mllm.config import ModelConfig
-from mllm.generate import Decoder, fit_prompt, generate_ids, prepare_for_decoding, slide_keep
+from mllm.generate import (
+    Decoder,
+    fit_prompt,
+    generate_ids,
+    onednn_bf16_linear,
+    prepare_for_decoding,
+    slide_keep,
+)
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
 from mllm.textstream import TextStream, token_byte_table
@@ -92,6 +100,31 @@ def test_decoding_layout_changes_memory_order_not_values() -> None:
     assert model.blocks[0].ffn.down.weight.stride() == (1, model.config.d_model)  # (in, out)
     cached = greedy_with_cache(model, [3, 4, 5], 30)
     assert cached == greedy_by_full_recompute(model, [3, 4, 5], 30)
+
+
+def test_bf16_decoding_matches_the_full_forward() -> None:
+    """bf16 weights: steps run through oneDNN-packed weights where the CPU has native bf16 (else
+    F.linear) and attend in fp32; the logits stay within bf16 rounding of the full forward."""
+    model = prepare_for_decoding(tiny_gpt(dtype=torch.float32).to(torch.bfloat16))
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(5))
+    decoder = Decoder(model)
+    assert decoder.cache.keys[0].dtype == torch.float32
+    logits = [decoder.prefill(ids[:, :4])]
+    logits += [decoder.step(ids[:, position]) for position in range(4, 16)]
+    with torch.no_grad():
+        full = model(ids)[:, 3:].float()
+    torch.testing.assert_close(torch.stack(logits, 1).float(), full, rtol=0.05, atol=0.05)
+
+
+def test_packed_bf16_linear_equals_f_linear() -> None:
+    model = tiny_gpt(dtype=torch.bfloat16)
+    linear = onednn_bf16_linear(model, batch_size=2)
+    if linear is None:
+        pytest.skip("no oneDNN bf16 on this CPU / PyTorch build: decoding uses F.linear")
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    for weight in (model.blocks[0].attn.qkv.weight, model.head_weight):
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=0.02, atol=0.02)
+    assert onednn_bf16_linear(tiny_gpt(dtype=torch.float32), 1) is None
 
 
 def test_slide_keeps_three_quarters_of_the_context() -> None:
