@@ -1,18 +1,19 @@
 """Training speed of `mllm train` on the bench config, beside a plain baseline, in one run.
 
 Bench config: 6 layers, 6 heads, d_model 384, context 256, batch 16, vocab 16,000, dropout 0,
-trained on random tokens written to a temporary data dir. Three measurements, in this order so
-that the machine's noise (the cores may be shared) falls on all of them:
+trained on random tokens written to a temporary data dir. Three measurements (the cores may be
+shared with other work: the paired steps alternate so that noise falls on both sides alike):
 
 1. paired steps, in this process: the step `mllm train` runs (its own `prepare_model`,
    `train_step`, `build_optimizer`) alternated step by step with a plain, well-written baseline
-   step: nanoGPT-style (same GPT, logits of every position, `F.cross_entropy` on fp32 logits, the
-   whole forward compiled, torch AdamW fused only on CUDA as nanoGPT does, bf16 autocast);
+   step: nanoGPT-style (same GPT, logits of every position, `F.cross_entropy` on fp32 logits,
+   torch AdamW fused only on CUDA as nanoGPT does, the same autocast), compiled and eager;
 2. `python -m mllm train` itself with its default settings (only the model shape, batch, step
    count, log interval and the size of the final evaluation are given): tokens/s from the warm
    intervals of its metrics.jsonl (the first interval, which compiles, is left out);
 3. what each part of a step costs: forward (which here includes the head's fused gradient),
-   backward, the optimizer (clip + AdamW), and the head + cross-entropy alone, ours vs plain.
+   backward, the optimizer (clip + AdamW), the head + cross-entropy alone and the optimizer
+   alone, ours vs the baseline's, and one step's time by kind of kernel (torch.profiler).
 
 MFU counts model.flops_per_token() (6·N + 12·layers·d·context) against the matmul peak of the
 precision in use, measured here with a large matmul (best of several, before and after).
@@ -81,7 +82,7 @@ def main() -> None:
             "mfu": round(flops_per_token * tokens_per_s / peak, 4),
         }
 
-    ours_ms, base_ms = paired["ours_ms"], paired["baseline_ms"]
+    ours_ms = statistics.median(paired["ours"])
     result = {
         "benchmark": "train",
         "command": command,
@@ -91,13 +92,17 @@ def main() -> None:
         "peak_flops_fp32": round(measure_peak(device, torch.float32)),
         "flops_per_token": flops_per_token,
         "tokens_per_step": tokens_per_step,
+        "ms_per_step_at_100pct_mfu": round(flops_per_token * tokens_per_step / peak * 1e3, 1),
         "mllm_train": cli,
         "paired_in_process": {
-            "ours": rate(statistics.median(ours_ms)),
-            "baseline": rate(statistics.median(base_ms)),
-            "speedup": round(statistics.median(base_ms) / statistics.median(ours_ms), 3),
-            "ours_ms_all": [round(t) for t in ours_ms],
-            "baseline_ms_all": [round(t) for t in base_ms],
+            **{
+                name: {
+                    **rate(statistics.median(times)),
+                    "speedup_of_ours": round(statistics.median(times) / ours_ms, 3),
+                    "ms_all": [round(t) for t in times],
+                }
+                for name, times in paired.items()
+            },
             "baseline_is": BASELINE_DESCRIPTION,
         },
         "parts_ms": parts,
@@ -155,9 +160,9 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> float:
 # --- 1. Paired steps: mllm train's step against the baseline ------------------------------------
 
 BASELINE_DESCRIPTION = (
-    "nanoGPT-style step on the same GPT: compiled forward computing full logits, "
-    "F.cross_entropy on fp32 logits, torch AdamW (fused only on CUDA, foreach on CPU), "
-    "clip 1.0, autocast in the same precision"
+    "nanoGPT-style step on the same GPT: forward computing full logits, F.cross_entropy on "
+    "fp32 logits (compiled with the model, or eager), torch AdamW (fused only on CUDA, foreach "
+    "on CPU), clip 1.0, autocast in the same precision"
 )
 
 
@@ -185,10 +190,10 @@ def baseline_optimizer(model: GPT, device: torch.device) -> torch.optim.AdamW:
 
 
 def make_baseline_step(
-    model_config: ModelConfig, device: torch.device, dtype: torch.dtype
+    model_config: ModelConfig, device: torch.device, dtype: torch.dtype, compile: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
     model = GPT(model_config).to(device)
-    module = torch.compile(PlainLoss(model))
+    module = torch.compile(PlainLoss(model)) if compile else PlainLoss(model)
     optimizer = baseline_optimizer(model, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -225,12 +230,13 @@ def measure_paired_steps(
     dtype: torch.dtype,
     steps: int,
 ) -> dict[str, list[float]]:
-    """Milliseconds per step of mllm train's step and the baseline's, alternated step by step
-    after two warm-up (compiling) steps each."""
+    """Milliseconds per step of mllm train's step and the baseline's (compiled and eager),
+    alternated step by step after two warm-up (compiling) steps each."""
     torch.manual_seed(0)
     steps_by_name = {
-        "ours_ms": make_mllm_step(model_config, device, dtype),
-        "baseline_ms": make_baseline_step(model_config, device, dtype),
+        "ours": make_mllm_step(model_config, device, dtype),
+        "baseline_compiled": make_baseline_step(model_config, device, dtype, compile=True),
+        "baseline_eager": make_baseline_step(model_config, device, dtype, compile=False),
     }
     batches = random_batches(model_config, device, steps + 2)
     times: dict[str, list[float]] = {name: [] for name in steps_by_name}
@@ -319,18 +325,26 @@ def run_mllm_train(
 
 # --- 3. Parts of a step --------------------------------------------------------------------------
 
+PROFILE_CATEGORIES = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention", ("scaled_dot_product",)),
+    ("optimizer", ("aten::_fused_adam", "aten::_foreach", "aten::linalg_vector_norm")),
+    ("fused_elementwise", ("CompiledFxGraph", "graph_")),
+)
+
 
 def measure_parts(
     model_config: ModelConfig, device: torch.device, dtype: torch.dtype, repeats: int
 ) -> dict[str, float]:
-    """Median milliseconds of each part of mllm train's step, timed one part at a time, and of the
-    head + cross-entropy alone (forward and backward), fused vs plain, both compiled."""
+    """Median milliseconds of each part of mllm train's step (timed one part at a time), where a
+    step's time goes by kind of kernel (torch.profiler), and the head + cross-entropy alone and
+    the optimizer alone, ours vs the baseline's."""
     config = TrainConfig(model=model_config, batch_size=BATCH_SIZE)
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
     module = training.prepare_model(model, config, device, DistributedInfo())
     x, y = random_batches(model_config, device, 1)[0]
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     state: dict[str, torch.Tensor] = {}
 
     def forward() -> None:
@@ -340,10 +354,9 @@ def measure_parts(
     def backward() -> None:
         state["loss"].backward()
 
-    def optimizer_step() -> None:
+    def optimizer_step(optimizer: torch.optim.Optimizer = optimizer) -> None:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
     for index in range(repeats + 2):  # two warm-up (compiling) rounds
@@ -354,31 +367,71 @@ def measure_parts(
         elapsed = timed(optimizer_step, device)
         if index >= 2:
             times["optimizer"].append(elapsed)
+        if index < repeats + 1:
+            optimizer.zero_grad(set_to_none=True)
+    # The same update by the baseline's optimizer (torch's default AdamW), on the same gradients.
+    plain_optimizer = baseline_optimizer(model, device)
+    times["optimizer_baseline"] = [
+        timed(functools.partial(optimizer_step, plain_optimizer), device)
+        for _ in range(repeats + 1)
+    ][1:]
+    times.update(time_head_and_loss(model, y, device, dtype, repeats))
+    parts = {name: round(statistics.median(values), 1) for name, values in times.items()}
+    parts["step_by_kernel"] = profile_step(module, optimizer, x, y, device, dtype, config)
+    return parts
 
-    hidden = torch.randn(BATCH_SIZE, model_config.context, model_config.d_model, device=device)
-    hidden.requires_grad_()
+
+def time_head_and_loss(
+    model: GPT, targets: torch.Tensor, device: torch.device, dtype: torch.dtype, repeats: int
+) -> dict[str, list[float]]:
+    """Forward + backward of the head and the loss alone on fixed hidden states: ours (fused,
+    chunked) and the baseline's (full logits, fp32 cross-entropy), both compiled."""
+    hidden = torch.randn(*targets.shape, model.config.d_model, device=device, requires_grad=True)
     weight = model.head_weight
 
     def plain_head(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(F.linear(h, w).flatten(0, 1).float(), t.flatten())
 
+    times = {}
     for name, loss_fn in (
         ("head_ce_fused", torch.compile(linear_cross_entropy)),
-        ("head_ce_plain", torch.compile(plain_head)),
+        ("head_ce_baseline", torch.compile(plain_head)),
     ):
 
         def head(loss_fn: Callable = loss_fn) -> None:
             with autocast(device, dtype):
-                loss = loss_fn(hidden, weight, y)
+                loss = loss_fn(hidden, weight, targets)
             loss.backward()
 
         times[name] = [timed(head, device) for _ in range(repeats + 2)][2:]
         hidden.grad = None
         weight.grad = None
+    return times
 
-    parts = {name: round(statistics.median(values), 1) for name, values in times.items()}
-    parts["step_sum"] = round(parts["forward"] + parts["backward"] + parts["optimizer"], 1)
-    return parts
+
+def profile_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """Milliseconds of one train_step by kind of kernel (self time of the host-side ops: on CPU
+    the time the kernels run; on GPUs, where kernels are asynchronous, launch time only)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    with torch.profiler.profile() as profiler:
+        training.train_step(module, optimizer, scaler, [(x, y)], device, dtype, config.grad_clip)
+        synchronize(device)
+    totals = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + ["other"], 0.0)
+    for event in profiler.key_averages():
+        category = next(
+            (name for name, keys in PROFILE_CATEGORIES if any(k in event.key for k in keys)),
+            "other",
+        )
+        totals[category] += event.self_cpu_time_total / 1e3
+    return {name: round(ms, 1) for name, ms in totals.items()}
 
 
 # --- Description ---------------------------------------------------------------------------------
