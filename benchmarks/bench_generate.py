@@ -1,30 +1,40 @@
 """Decode speed at batch 1: the KV-cache decoder of `mllm generate` against full recomputation.
 
 For each model size (the bench config: 6 layers, 6 heads, d_model 384, context 256, vocab 16,000;
-and the 220M default: 16 layers, 16 heads, d_model 1024, context 1024) and each precision, a
-random-weight model generates `--new-tokens` tokens greedily from a `--prompt-tokens` prompt,
-through the same code `mllm generate` runs (`generate_ids`). Decode tokens/s are timed from the
-first new token on (the prompt's prefill is reported apart, as ms for prefill + first token).
-The no-cache baseline feeds the whole sequence through `GPT.forward` for every token, in the same
-process. Runs alternate and the median of `--repeats` is reported, since the machines are noisy.
+and the 220M default: 16 layers, 16 heads, d_model 1024, context 1024), precision and CPU thread
+count, a random-weight model generates `--new-tokens` tokens greedily from a `--prompt-tokens`
+prompt through the code `mllm generate` runs (`prepare_for_decoding`, `Decoder`,
+`generate_ids`). Decode tokens/s are timed from the first new token on; the prompt's prefill is
+reported apart (ms for prefill + first token). The no-cache baseline feeds the whole sequence
+through `GPT.forward` for every token, in the same process, same dtype and threads. Variants
+alternate within each repeat and medians are reported, since the machines are shared and noisy;
+the load average at the start and end says how busy the machine was.
 
-Prints one JSON line, e.g.
-  {"benchmark": "generate", ..., "bench": {"fp32": {"cached_tokens_per_s": ..., ...}}, ...}
+Prints one JSON line: machine facts, then one row per (config, dtype, threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
 from mllm.config import ModelConfig
 from mllm.device import DTYPE_NAMES, DTYPES, resolve_decode_dtype
-from mllm.generate import Decoder, SampleTiming, generate_ids, prepare_for_decoding, timed
+from mllm.generate import (
+    Decoder,
+    SampleTiming,
+    decode_threads,
+    generate_ids,
+    prepare_for_decoding,
+    timed,
+)
 from mllm.model import GPT
 from mllm.sampling import SamplingParams, sample_next
 
@@ -35,15 +45,15 @@ CONFIGS = {
 GREEDY = SamplingParams(temperature=0)
 
 
-def cached_run(model: GPT, prompt: list[int], new_tokens: int) -> SampleTiming:
+def cached_run(decoder: Decoder, prompt: list[int], new_tokens: int) -> SampleTiming:
     """The real `mllm generate` path: prefill, then one cached step per token."""
     timing = SampleTiming(prompt_tokens=len(prompt))
-    for _ in timed(generate_ids(Decoder(model), prompt, GREEDY, new_tokens), timing):
+    for _ in timed(generate_ids(decoder, prompt, GREEDY, new_tokens), timing):
         pass
     return timing
 
 
-def no_cache_ids(model: GPT, prompt: list[int], new_tokens: int):
+def no_cache_ids(model: GPT, prompt: list[int], new_tokens: int) -> Iterator[int]:
     """The baseline: the whole sequence (up to the context) through the model for every token."""
     tokens = torch.tensor([prompt], dtype=torch.long)
     context = model.config.context
@@ -62,31 +72,55 @@ def no_cache_run(model: GPT, prompt: list[int], new_tokens: int) -> SampleTiming
     return timing
 
 
-def measure(
-    config: ModelConfig, dtype: torch.dtype, args: argparse.Namespace, baseline: bool
-) -> dict:
+def median_rate(timings: list[SampleTiming]) -> float:
+    return round(statistics.median(t.decode_tokens_per_s for t in timings), 1)
+
+
+def measure_config(name: str, args: argparse.Namespace) -> list[dict]:
+    """Rows for one model size: every dtype x thread count, the variants alternating."""
+    config = CONFIGS[name]
     torch.manual_seed(0)
-    model = prepare_for_decoding(GPT(config).eval().to(dtype))
+    fp32 = GPT(config).eval()
     prompt = torch.randint(0, config.vocab_size, (args.prompt_tokens,)).tolist()
-    cached_run(model, prompt, 8)  # warm-up: first-call allocations, kernel selection
-    cached, no_cache = [], []
+    variants = []
+    for dtype_name in args.dtypes.split(","):
+        model = GPT(config).eval()
+        model.load_state_dict(fp32.state_dict())
+        model = prepare_for_decoding(model.to(DTYPES[dtype_name]))
+        decoder = Decoder(model)  # one per model, as `mllm generate` keeps one for all samples
+        for threads in args.threads:
+            variants.append({"dtype": dtype_name, "threads": threads, "model": model,
+                             "decoder": decoder, "cached": [], "no_cache": []})  # fmt: skip
+    del fp32
+    for variant in variants:  # warm-up: first-call allocations, kernel selection
+        torch.set_num_threads(variant["threads"])
+        cached_run(variant["decoder"], prompt, 8)
     for repeat in range(args.repeats):
-        cached.append(cached_run(model, prompt, args.new_tokens))
-        if baseline and repeat < args.baseline_repeats:
-            no_cache.append(no_cache_run(model, prompt, args.new_tokens))
-    result = {
-        "cached_tokens_per_s": round(statistics.median(t.decode_tokens_per_s for t in cached), 1),
-        "cached_runs": [round(t.decode_tokens_per_s, 1) for t in cached],
-        "prefill_first_token_ms": round(
-            1000 * statistics.median(t.first_token_s for t in cached), 2
-        ),
-    }
-    if no_cache:
-        rate = statistics.median(t.decode_tokens_per_s for t in no_cache)
-        result["no_cache_tokens_per_s"] = round(rate, 1)
-        result["no_cache_runs"] = [round(t.decode_tokens_per_s, 1) for t in no_cache]
-        result["speedup"] = round(result["cached_tokens_per_s"] / rate, 2)
-    return result
+        for variant in variants:
+            torch.set_num_threads(variant["threads"])
+            variant["cached"].append(cached_run(variant["decoder"], prompt, args.new_tokens))
+            if variant["dtype"] in args.baseline_dtypes and repeat < args.baseline_repeats:
+                run = no_cache_run(variant["model"], prompt, args.new_tokens)
+                variant["no_cache"].append(run)
+    rows = []
+    for variant in variants:
+        cached = variant["cached"]
+        row = {
+            "config": name,
+            "params_m": round(variant["model"].num_parameters() / 1e6, 1),
+            "dtype": variant["dtype"],
+            "threads": variant["threads"],
+            "cached_tokens_per_s": median_rate(cached),
+            "cached_runs": [round(t.decode_tokens_per_s, 1) for t in cached],
+            "prefill_first_token_ms": round(
+                1000 * statistics.median(t.first_token_s for t in cached), 1
+            ),
+        }
+        if variant["no_cache"]:
+            row["no_cache_tokens_per_s"] = median_rate(variant["no_cache"])
+            row["speedup"] = round(row["cached_tokens_per_s"] / row["no_cache_tokens_per_s"], 2)
+        rows.append(row)
+    return rows
 
 
 def cpu_name() -> str:
@@ -100,45 +134,56 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="bench,default", help="bench, default or both")
     parser.add_argument("--dtypes", default="fp32,bf16", help="precisions to compare")
+    parser.add_argument(
+        "--threads",
+        default="1,2",
+        help="CPU thread counts to compare, or 'auto' (what mllm generate would pick now)",
+    )
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant (median)")
     parser.add_argument(
-        "--baseline-repeats", type=int, default=1, help="no-cache runs (slow: full recompute)"
+        "--baseline-dtypes", default="fp32,bf16", help="precisions that also run the baseline"
     )
     parser.add_argument(
-        "--baseline-dtypes", default="fp32", help="precisions that also run the no-cache baseline"
+        "--baseline-repeats", type=int, default=1, help="no-cache runs per variant (slow)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads = (
+        [decode_threads()] if args.threads == "auto" else [int(t) for t in args.threads.split(",")]
+    )
+    args.baseline_dtypes = set(args.baseline_dtypes.split(","))
 
     report: dict = {
         "benchmark": "generate",
         "device": "cpu",
         "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
         "torch": torch.__version__,
         "batch": 1,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "auto_decode_dtype": DTYPE_NAMES[resolve_decode_dtype("auto", torch.device("cpu"))],
+        "load_average_start": load_average(),
     }
-    baseline_dtypes = set(args.baseline_dtypes.split(","))
     started = time.perf_counter()
+    rows = []
     for name in args.configs.split(","):
-        config = CONFIGS[name]
-        report[name] = {"params_m": round(GPT(config).num_parameters() / 1e6, 1)}
-        for dtype_name in args.dtypes.split(","):
-            report[name][dtype_name] = measure(
-                config, DTYPES[dtype_name], args, baseline=dtype_name in baseline_dtypes
-            )
+        rows += measure_config(name, args)
+    report["load_average_end"] = load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)
+    report["rows"] = rows
     print(json.dumps(report))
 
 

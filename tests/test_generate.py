@@ -21,6 +21,7 @@ from mllm.cli import app
 from mllm.config import ModelConfig
 from mllm.generate import (
     Decoder,
+    decode_threads,
     fit_prompt,
     generate_ids,
     onednn_bf16_linear,
@@ -232,6 +233,22 @@ def test_cli_max_new_tokens_and_latest_checkpoint(run: Path) -> None:
     assert "7 tokens" in result.stderr
 
 
+def test_cli_threads_flag_sets_the_decode_threads(run: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        args = ("--threads", "1", "--max-new-tokens", "3")
+        result = invoke("generate", "Hi", "--run-dir", run, *args)
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.stderr
+    assert "cpu" in result.stderr and "1 threads" in result.stderr
+
+
+def test_decode_threads_default_to_the_idle_cores() -> None:
+    assert decode_threads(3) == 3
+    assert 1 <= decode_threads() <= torch.get_num_threads()
+
+
 def test_cli_seeded_samples_are_reproducible(run: Path) -> None:
     args = ("generate", "The fox", "--run-dir", run, "--seed", "7", "--top-k", "50")
     args += ("--top-p", "0.9", "--temperature", "1.3", "--max-new-tokens", "15", "-q")
@@ -282,6 +299,7 @@ def test_cli_missing_run_dir_is_one_clear_error(tmp_path: Path) -> None:
         (["--top-k", "-1"], "--top-k"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--num-samples", "0"], "--num-samples"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_invalid_sampling_values_exit_2(args: list[str], flag: str, tmp_path: Path) -> None:

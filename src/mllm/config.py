@@ -267,6 +267,11 @@ class GenerateConfig(SamplingConfig):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Precision of decoding (auto: fastest measured for the device)."
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for decoding (default: the cores other processes leave idle).",
+    )
 
 
 class ServeConfig(CommandConfig):
