@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -64,6 +65,7 @@ def main() -> None:
     tokens_per_step = BATCH_SIZE * model_config.context
     flops_per_token = GPT(model_config).flops_per_token()
 
+    load_before = load_average()
     peaks = [measure_peak(device, dtype)]
     with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
         data_dir = write_random_data(Path(tmp) / "data")
@@ -110,6 +112,9 @@ def main() -> None:
         "changes": active_changes(device, dtype, model_config),
         "device": describe_device(device),
         "threads": torch.get_num_threads(),
+        # Other processes on the same cores slow every step (each parallel kernel waits for a
+        # descheduled thread): a load average above 0 means the figures are pessimistic.
+        "load_average_before_after": [load_before, load_average()],
         "torch": torch.__version__,
         "config": {**BENCH_MODEL, "vocab_size": VOCAB_SIZE, "batch_size": BATCH_SIZE},
     }
@@ -457,6 +462,14 @@ def active_changes(device: torch.device, dtype: torch.dtype, model_config: Model
         changes.append(f"fused AdamW on {device.type} (one kernel for all parameters)")
     changes.append("no host sync per step (loss and grad norm read at log boundaries only)")
     return changes
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def describe_device(device: torch.device) -> str:
