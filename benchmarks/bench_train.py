@@ -113,8 +113,8 @@ def main() -> None:
         "device": describe_device(device),
         "threads": torch.get_num_threads(),
         # Other processes on the same cores slow every step (each parallel kernel waits for a
-        # descheduled thread): a load average above 0 means the figures are pessimistic.
-        "load_average_before_after": [load_before, load_average()],
+        # descheduled thread): a load average well above 0 here means pessimistic figures.
+        "load_average_at_start": load_before,
         "torch": torch.__version__,
         "config": {**BENCH_MODEL, "vocab_size": VOCAB_SIZE, "batch_size": BATCH_SIZE},
     }
