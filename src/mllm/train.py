@@ -38,6 +38,7 @@ from mllm import __version__
 from mllm import checkpoint as ckpt
 from mllm.config import ModelConfig, TrainConfig
 from mllm.console import err_console, info, set_quiet, warn
+from mllm.cpu_memory import retain_freed_memory
 from mllm.data.loader import TokenWindows
 from mllm.data.meta import DATA_JSON, DataMeta, check_bins, load_data_meta
 from mllm.device import (
@@ -365,6 +366,8 @@ def prepare_model(
 ) -> nn.Module:
     """The module `train_step` calls: the training loss, compiled when asked, then wrapped in
     DDP when distributed. It shares its parameters with `model`."""
+    if device.type == "cpu":
+        retain_freed_memory()  # reuse freed activations: no page faults per step (cpu_memory.py)
     module: nn.Module = TrainingLoss(model)
     if config.compile:
         module = torch.compile(module)
