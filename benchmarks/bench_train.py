@@ -2,9 +2,9 @@
 
 Bench config: 6 layers, 6 heads, d_model 384, context 256, batch 16, vocab 16,000, dropout 0,
 trained on random tokens written to a temporary data dir. Three measurements (the cores may be
-shared with other work: the paired steps alternate so that noise falls on both sides alike):
+shared with other work: the paired steps alternate so that noise falls on all sides alike):
 
-1. paired steps, in this process: the step `mllm train` runs (its own `prepare_model`,
+1. paired steps, one process per side: the step `mllm train` runs (its own `prepare_model`,
    `train_step`, `build_optimizer`) alternated step by step with a plain, well-written baseline
    step: nanoGPT-style (same GPT, logits of every position, `F.cross_entropy` on fp32 logits,
    torch AdamW fused only on CUDA as nanoGPT does, the same autocast), compiled and eager;
@@ -60,6 +60,9 @@ VAL_TOKENS = 1 << 14
 def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
+    if args.worker:
+        run_worker(args.worker, device)
+        return
     dtype = resolve_train_dtype("auto", device)  # the default of mllm train
     model_config = ModelConfig(vocab_size=VOCAB_SIZE, **BENCH_MODEL)
     tokens_per_step = BATCH_SIZE * model_config.context
@@ -69,7 +72,7 @@ def main() -> None:
     peaks = [measure_peak(device, dtype)]
     with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
         data_dir = write_random_data(Path(tmp) / "data")
-        paired = measure_paired_steps(model_config, data_dir, device, dtype, args.paired_steps)
+        paired = measure_paired_steps(device, args.paired_steps, peaks, dtype)
         parts = measure_parts(model_config, device, dtype, args.part_repeats)
         peaks.append(measure_peak(device, dtype))
         command, cli = run_mllm_train(data_dir, Path(tmp) / "run", args.steps, args.log_interval)
@@ -96,7 +99,7 @@ def main() -> None:
         "tokens_per_step": tokens_per_step,
         "ms_per_step_at_100pct_mfu": round(flops_per_token * tokens_per_step / peak * 1e3, 1),
         "mllm_train": cli,
-        "paired_in_process": {
+        "paired_steps": {
             **{
                 name: {
                     **rate(statistics.median(times)),
@@ -130,6 +133,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--part-repeats", type=int, default=3, help="timings of each part")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # see StepWorker
     return parser.parse_args()
 
 
@@ -229,29 +233,89 @@ def make_mllm_step(
     return step
 
 
+SIDES = ("ours", "baseline_compiled", "baseline_eager")
+
+
+def make_side_step(
+    side: str, model_config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    if side == "ours":
+        return make_mllm_step(model_config, device, dtype)
+    return make_baseline_step(model_config, device, dtype, compile=side == "baseline_compiled")
+
+
 def measure_paired_steps(
-    model_config: ModelConfig,
-    data_dir: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    steps: int,
+    device: torch.device, steps: int, peaks: list[float], dtype: torch.dtype
 ) -> dict[str, list[float]]:
-    """Milliseconds per step of mllm train's step and the baseline's (compiled and eager),
-    alternated step by step after two warm-up (compiling) steps each."""
+    """Milliseconds per step of mllm train's step and the baselines', each side in its own
+    process (mllm train sets process-wide CPU state the baseline must not get: cpu_memory.py),
+    asked for one step at a time in turn, so that noise from other work falls on all sides.
+    The matmul peak is measured again after each round (into `peaks`): on shared cores its best
+    is the one least disturbed."""
+    workers = {side: StepWorker(side, device) for side in SIDES}  # started one after another
+    try:
+        times: dict[str, list[float]] = {side: [] for side in SIDES}
+        for _ in range(steps):
+            for side, worker in workers.items():
+                times[side].append(worker.step())
+            peaks.append(measure_peak(device, dtype))
+        return times
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+class StepWorker:
+    """A child process (this script with --worker SIDE) that builds one side's step, compiles it
+    with two warm-up steps, then runs one timed step per request and answers its milliseconds."""
+
+    def __init__(self, side: str, device: torch.device) -> None:
+        self.side = side
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by close())
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", side, "--device", str(device)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        self._read()  # "ready", after the warm-up
+
+    def step(self) -> float:
+        assert self.process.stdin is not None
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return float(self._read())
+
+    def _read(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.log.seek(0)
+            raise SystemExit(f"{self.side} worker failed:\n{self.log.read()[-3000:]}")
+        return line.strip()
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait()
+        self.log.close()
+
+
+def run_worker(side: str, device: torch.device) -> None:
+    """The child side of StepWorker."""
+    dtype = resolve_train_dtype("auto", device)
+    model_config = ModelConfig(vocab_size=VOCAB_SIZE, **BENCH_MODEL)
     torch.manual_seed(0)
-    steps_by_name = {
-        "ours": make_mllm_step(model_config, device, dtype),
-        "baseline_compiled": make_baseline_step(model_config, device, dtype, compile=True),
-        "baseline_eager": make_baseline_step(model_config, device, dtype, compile=False),
-    }
-    batches = random_batches(model_config, device, steps + 2)
-    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
-    for index, (x, y) in enumerate(batches):
-        for name, step in steps_by_name.items():
-            elapsed = timed(functools.partial(step, x, y), device)
-            if index >= 2:
-                times[name].append(elapsed)
-    return times
+    step = make_side_step(side, model_config, device, dtype)
+    batches = random_batches(model_config, device, 4)
+    for x, y in batches[:2]:
+        step(x, y)
+    print("ready", flush=True)
+    for index, _ in enumerate(sys.stdin):
+        x, y = batches[index % len(batches)]
+        print(timed(functools.partial(step, x, y), device), flush=True)
 
 
 def random_batches(
