@@ -42,7 +42,7 @@ def prepare_for_decoding(model: GPT) -> GPT:
 
     A decode step is a chain of matrix-vector products, bound by how fast the weights stream from
     memory. On CPU, fp32 `x @ W.T` with W (out, in) kept column-major, i.e. (in, out) contiguous,
-    ran ~25% faster over a whole decode step than the row-major original (3x for the output head
+    ran 20-25% faster over a whole decode step than the row-major original (3x for the output head
     alone; see benchmarks/bench_generate.py). Only the memory order changes, not a single value,
     and the model code is untouched: F.linear on the transposed storage takes the faster path.
     (bf16 weights are left as they are: `Decoder` packs its own copies for oneDNN.)
@@ -89,10 +89,11 @@ def onednn_bf16_linear(model: GPT, batch_size: int) -> Linear | None:
     """`x @ W.T` through oneDNN with each weight prepacked once for `batch_size` rows, for a bf16
     model on a CPU with native bf16 (AVX512-BF16 / AMX); None where that is unavailable.
 
-    At batch 1 the plain bf16 matmul is slower than fp32 on such CPUs, while the packed one runs
-    the whole decode step ~1.5x faster than fp32 (benchmarks/bench_generate.py). The packed copies
-    cost one more copy of the matmul weights in memory. These are the kernels `torch.compile`
-    uses for frozen CPU models; if a PyTorch release drops them, decoding falls back to F.linear.
+    At batch 1 the plain bf16 matmul is barely faster than fp32 on such CPUs, while the packed one
+    runs the whole decode step 1.3-2.5x faster than fp32 (benchmarks/bench_generate.py). The
+    packed copies cost one more copy of the matmul weights in memory. These are the kernels
+    `torch.compile` uses for frozen CPU models; if a PyTorch release drops them, decoding falls
+    back to F.linear.
     """
     from mllm.device import cpu_has_fast_bf16
 
