@@ -78,8 +78,8 @@ def resolve_decode_dtype(name: str, device: torch.device) -> torch.dtype:
     auto on CPU: bf16 where the CPU runs it natively (AMX / AVX512-BF16), else fp32. Batch-1
     decoding streams every weight once per token, so it is bound by memory traffic, which bf16
     halves: with oneDNN-packed bf16 weights (generate.Decoder) benchmarks/bench_generate.py
-    measured 1.45x (bench size) and 1.55x (220M) the fp32 speed on an AVX512-BF16 EPYC. On
-    accelerators: the training choice.
+    measured 1.3-1.9x (bench size) and 1.5-2.5x (220M) the fp32 speed, with 1-2 threads, on an
+    AVX512-BF16 EPYC (README, `mllm generate`). On accelerators: the training choice.
     """
     if name != "auto":
         return DTYPES[name]
