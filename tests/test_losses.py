@@ -131,3 +131,22 @@ def test_rows_per_chunk_bounds_the_chunk_size() -> None:
     assert rows_per_chunk(16_000) == 1024
     assert rows_per_chunk(10**7) == 64  # never fewer than 64 rows
     assert rows_per_chunk(50_257) * 50_257 <= 1024 * 16_000
+
+
+def test_fp16_keeps_small_gradients_of_a_mean_over_many_rows() -> None:
+    # The gradient of a mean over 16,384 rows, per logit, is p / 16,384: for probabilities p
+    # ~1/2,000 that is ~3e-8, below fp16's smallest value. Scaled by 1/rows before the fp16
+    # matmuls it flushes to zero (the hidden-state gradient was then 14% off); the mean's 1/rows
+    # belongs after them, in fp32.
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(16_384, 8, generator=generator)
+    weight = torch.randn(2_000, 8, generator=generator) * 0.5 + 1.0
+    targets = torch.randint(0, 2_000, (16_384,), generator=generator)
+    _, expected_hidden, expected_weight = plain_loss_and_grads(
+        hidden.double(), weight.double(), targets
+    )
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, hidden_grad, weight_grad = chunked_loss_and_grads(hidden, weight, targets)
+    for got, want in ((hidden_grad, expected_hidden), (weight_grad, expected_weight)):
+        error = (got.double() - want).abs().max() / want.abs().max()
+        assert error < 5e-3, error.item()

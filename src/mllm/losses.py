@@ -88,11 +88,15 @@ class _LinearCrossEntropy(autograd.Function):
                 h_chunk = h[start:end]
                 logits = (h_chunk @ w.T).to(loss_dtype)
                 chunk_loss, grad_logits = _chunk_loss_and_grad(
-                    logits, targets[start:end], 1.0 / rows, wants_grad
+                    logits, targets[start:end], wants_grad
                 )
                 loss_sum += chunk_loss
                 if grad_logits is None:
                     continue
+                # Gradients of the summed loss here; backward applies the mean's 1/rows in fp32
+                # (in fp16 it would push small gradients below the smallest representable value).
+                # Not as add_(..., alpha=1/rows): inductor (torch 2.13) fuses that into an addmm
+                # and drops the alpha (tests/test_losses.py checks the compiled gradients).
                 grad_logits = grad_logits.to(compute_dtype)
                 if grad_hidden is not None:
                     torch.matmul(grad_logits, w, out=grad_hidden[start:end])
@@ -103,6 +107,7 @@ class _LinearCrossEntropy(autograd.Function):
             grad_weight if grad_weight is not None else torch.empty(0),
         )
         ctx.input_dtypes = (hidden.dtype, weight.dtype)
+        ctx.rows = rows
         return loss_sum / rows
 
     @staticmethod
@@ -112,15 +117,20 @@ class _LinearCrossEntropy(autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.input_dtypes
         needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[:2]
-        d_hidden = (grad_hidden * grad_loss).to(hidden_dtype) if needs_hidden_grad else None
-        d_weight = (grad_weight * grad_loss).to(weight_dtype) if needs_weight_grad else None
+        d_hidden = d_weight = None
+        # Scaled in (at least) fp32, then cast to the inputs' dtypes.
+        if needs_hidden_grad:
+            wide = torch.promote_types(grad_hidden.dtype, torch.float32)
+            d_hidden = (grad_hidden.to(wide) * (grad_loss.to(wide) / ctx.rows)).to(hidden_dtype)
+        if needs_weight_grad:
+            d_weight = (grad_weight * (grad_loss / ctx.rows)).to(weight_dtype)
         return d_hidden, d_weight, None, None, None
 
 
 def _chunk_loss_and_grad(
-    logits: torch.Tensor, targets: torch.Tensor, scale: float, wants_grad: bool
+    logits: torch.Tensor, targets: torch.Tensor, wants_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed loss of one chunk of fp32 logits, and d(scale · loss)/d(logits) if wanted.
+    """Summed loss of one chunk of fp32 logits, and its gradient (softmax - one-hot) if wanted.
 
     The gradient is computed in place over `logits` (it is the chunk's last use).
     """
@@ -131,4 +141,4 @@ def _chunk_loss_and_grad(
         return chunk_loss, None
     probs = logits.sub_(log_norm[:, None]).exp_()
     probs.scatter_add_(1, targets[:, None], probs.new_full((targets.shape[0], 1), -1.0))
-    return chunk_loss, probs.mul_(scale)
+    return chunk_loss, probs
