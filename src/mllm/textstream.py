@@ -99,7 +99,8 @@ class TokenTextDecoder:
 
 
 class StopMatcher:
-    """Cuts a text stream at the first stop string, holding back text that may begin one."""
+    """Cuts a text stream before the first stop string to complete, holding back text that may
+    begin one."""
 
     def __init__(self, stops: Iterable[str] = ()) -> None:
         self.stops = [stop for stop in stops if stop]
@@ -112,11 +113,15 @@ class StopMatcher:
         if self.stopped:
             return ""
         pending = self._pending + text
-        hits = [(at, stop) for stop in self.stops if (at := pending.find(stop)) >= 0]
-        if hits:
-            at, stop = min(hits)
-            self.stopped, self.matched, self._pending = True, stop, ""
-            return pending[:at]
+        # The stream stops where a stop string first COMPLETES (scanning end positions in order),
+        # so the result does not depend on how the text was split into chunks. Positions inside
+        # the held-back text were scanned by earlier calls.
+        for end in range(len(self._pending) + 1, len(pending) + 1):
+            ended = [stop for stop in self.stops if pending.endswith(stop, 0, end)]
+            if ended:
+                stop = max(ended, key=len)  # of stops ending here, the one starting earliest
+                self.stopped, self.matched, self._pending = True, stop, ""
+                return pending[: end - len(stop)]
         keep = self._longest_partial_match(pending)
         self._pending = pending[len(pending) - keep :]
         return pending[: len(pending) - keep]
