@@ -9,6 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI explores the same examples on every run (a failure there is reproducible, never luck);
+# local runs keep hypothesis's random exploration, which is how new bugs are found.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Any hub call fails at once instead of after a minute of retries: tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
