@@ -93,6 +93,14 @@ def resolve_eval_dtype(name: str, device: torch.device) -> torch.dtype:
     return resolve_train_dtype(name, device)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing must not stop the clock early)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def _mps_supports_bf16() -> bool:
     try:
         torch.zeros(1, dtype=torch.bfloat16, device="mps")

@@ -50,10 +50,10 @@ from mllm.device import (
     pick_device,
     resolve_train_dtype,
     shutdown_distributed,
+    synchronize,
 )
 from mllm.errors import MllmError, UsageError
 from mllm.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from mllm.flops import _synchronize as synchronize
 from mllm.flops import peak_flops
 from mllm.metrics import MetricsLog, TrainDisplay, plot_losses
 from mllm.model import GPT
