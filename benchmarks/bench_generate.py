@@ -27,11 +27,10 @@ from collections.abc import Iterator
 import torch
 
 from mllm.config import ModelConfig
-from mllm.device import DTYPE_NAMES, DTYPES, resolve_decode_dtype
+from mllm.device import DTYPE_NAMES, DTYPES, decode_threads, resolve_decode_dtype
 from mllm.generate import (
     Decoder,
     SampleTiming,
-    decode_threads,
     generate_ids,
     prepare_for_decoding,
     timed,

@@ -39,9 +39,9 @@ import torch
 from mllm.checkpoint import find_checkpoint, model_config_of, read_state, write_checkpoint
 from mllm.config import ModelConfig, TokenizeConfig
 from mllm.data.tokenizer import EOT, load_tokenizer, train_tokenizer
+from mllm.device import decode_threads
 from mllm.fileio import sha256_file
 from mllm.model import GPT
-from mllm.serve import decode_threads
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TEXT = [
@@ -295,7 +295,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "max_batch_size": args.max_batch_size,
         "cpu_cores": os.cpu_count(),
-        "server_threads": args.server_threads or decode_threads(),
+        "server_threads": decode_threads(args.server_threads, reserved=1),
         "results": results,
         "errors": sum(r["errors"] for r in results),
         f"tokens_per_s_ratio_{args.clients[-1]}_vs_{args.clients[0]}": round(

@@ -19,9 +19,9 @@ from helpers_runs import (
 from mllm.checkpoint import load_checkpoint
 from mllm.cli import app
 from mllm.config import ModelConfig
+from mllm.device import decode_threads
 from mllm.generate import (
     Decoder,
-    decode_threads,
     fit_prompt,
     generate_ids,
     onednn_bf16_linear,

@@ -296,7 +296,7 @@ class ServeConfig(CommandConfig):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads for the model (default: all cores but one, left to HTTP).",
+        description="CPU threads for the model (default: the idle cores but one, left to HTTP).",
     )
     device: DeviceName = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(

@@ -101,6 +101,30 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def decode_threads(requested: int | None = None, reserved: int = 0) -> int:
+    """CPU threads for decoding: `requested`, else the cores this process may use, less
+    `reserved` (serve keeps one for its event loop), less those other processes keep busy
+    (the 1-minute load average, rounded); at least 1.
+
+    Each matrix-vector product of a decode step is split across the threads and waits for the
+    slowest, so a thread sharing its core with another busy process stalls every product.
+    Measured on a 2-core machine with one other busy process: 1 thread decoded the bench model
+    at ~250 tokens/s, 2 threads at 10-60; on the idle machine 2 threads reached ~400
+    (benchmarks/bench_generate.py). Serving measured 2 threads 3-5x slower per step than 1 on
+    2 shared cores (README, serve section).
+    """
+    if requested is not None:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    usable = cores - reserved
+    with contextlib.suppress(AttributeError, OSError):  # no load average on Windows
+        usable = min(usable, round(cores - os.getloadavg()[0]))
+    return max(1, usable)
+
+
 def _mps_supports_bf16() -> bool:
     try:
         torch.zeros(1, dtype=torch.bfloat16, device="mps")

@@ -20,7 +20,6 @@ quarter-context at a time keeps the cost of sliding small.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,27 +53,6 @@ def prepare_for_decoding(model: GPT) -> GPT:
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.data = module.weight.data.t().contiguous().t()
     return model
-
-
-def decode_threads(requested: int | None = None) -> int:
-    """CPU threads for batch-1 decoding: `requested`, else the cores other processes leave idle
-    (cores minus the 1-minute load average, rounded; at least 1, at most torch's default).
-
-    Each matrix-vector product of a decode step is split across the threads and waits for the
-    slowest; a thread that shares its core with another busy process makes every product wait
-    for the scheduler. Measured on a 2-core machine with one other busy process: 1 thread
-    decoded the bench model at ~250 tokens/s, 2 threads at 10-60; on the idle machine 2 threads
-    reached ~400 (benchmarks/bench_generate.py).
-    """
-    if requested is not None:
-        return requested
-    most = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on Windows
-        return most
-    idle = (os.cpu_count() or most) - load
-    return max(1, min(most, round(idle)))
 
 
 def slide_keep(context: int) -> int:
@@ -277,7 +255,7 @@ def run_generate(config: GenerateConfig) -> None:
     """The `mllm generate` command: load the checkpoint and tokenizer, stream each sample."""
     from mllm import console
     from mllm.checkpoint import find_checkpoint, load_checkpoint, load_run_tokenizer
-    from mllm.device import DTYPE_NAMES, pick_device, resolve_decode_dtype
+    from mllm.device import DTYPE_NAMES, decode_threads, pick_device, resolve_decode_dtype
     from mllm.textstream import TextStream, token_byte_table
 
     device = pick_device(config.device)

@@ -23,7 +23,6 @@ import copy
 import errno
 import itertools
 import json
-import os
 import socket
 import time
 import uuid
@@ -487,24 +486,12 @@ def uvicorn_log_config(quiet: bool) -> dict[str, Any]:
     return config
 
 
-def decode_threads() -> int:
-    """Intra-op threads for decoding: all cores but one. The event loop (HTTP, JSON, tokenising)
-    needs a core, and a step whose threads must all meet at each op's barrier slows down badly
-    when any of its cores is busy: on 2 shared cores, 2 threads measured 3-5x slower per step
-    than 1 (see the serve section of the README)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
 def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
     """Load the checkpoint and its tokenizer (refusing a mismatch) and start the engine."""
     import torch
 
     from mllm.checkpoint import load_checkpoint, load_run_tokenizer, run_dir_of
-    from mllm.device import pick_device, resolve_decode_dtype
+    from mllm.device import decode_threads, pick_device, resolve_decode_dtype
     from mllm.textstream import token_byte_table
 
     device = pick_device(config.device)
@@ -517,7 +504,7 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
             f"{vocab_size}: pass the run's own tokenizer.json"
         )
-    torch.set_num_threads(config.threads or decode_threads())
+    torch.set_num_threads(decode_threads(config.threads, reserved=1))
     engine = Engine(
         loaded.model,
         token_byte_table(tokenizer),
