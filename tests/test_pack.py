@@ -530,3 +530,15 @@ def test_tokenizer_starts_a_pre_token_at_a_space_before_any_non_space(tokenizer)
             c for c, w, r in zip(chars, whole, right, strict=True) if w.ids != head + r.ids
         ]
         assert mismatched == [], (left, mismatched[:10])
+
+
+def test_temporary_files_of_a_killed_pack_are_removed(data_dir: Path, tmp_path: Path) -> None:
+    folder = fresh_inputs(data_dir, tmp_path / "d")
+    stale = folder / ".train.bin.x1y2z3.tmp"  # what a SIGKILL mid-pack leaves behind
+    stale.write_bytes(b"\0" * 1024)
+    other = folder / ".notes.txt.abc.tmp"  # not ours: left alone
+    other.write_bytes(b"x")
+    pack_corpus(PackConfig(data_dir=folder))
+    assert not stale.exists()
+    assert other.exists()
+    check_bins(folder, load_data_meta(folder))

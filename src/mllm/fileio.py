@@ -7,6 +7,7 @@ renamed over its final name (rename within one filesystem is atomic on POSIX and
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -53,6 +54,21 @@ def temp_path_for(path: Path) -> Path:
     finally:
         os.close(fd)
     return Path(name)
+
+
+def remove_stale_temp_files(path: Path) -> int:
+    """Delete temporary files that a killed writer of `path` left beside it (a SIGKILL gives no
+    chance to clean up, and a bin's temporary file can be gigabytes); return how many.
+
+    Only for artifacts one process writes at a time (two writers of one file would collide
+    anyway).
+    """
+    removed = 0
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -57,6 +57,7 @@ from mllm.fileio import (
     ensure_writable_dir,
     fsync_dir,
     read_json,
+    remove_stale_temp_files,
     sha256_file,
     temp_path_for,
 )
@@ -368,6 +369,8 @@ class StagedBins:
         try:
             for split in BINS:
                 final = self.paths.bin(split)
+                if removed := remove_stale_temp_files(final):
+                    info(escape(f"removed {removed} temporary file(s) a killed pack left: {final}"))
                 temp = temp_path_for(final)
                 self.bins[split] = StagedBin(final, temp, open(temp, "wb"))
         except BaseException:
