@@ -69,10 +69,10 @@ if [[ -n "$DATA" ]]; then
         say "demo: DATA=$DATA has no subfolders: put each source's text files in DATA/NAME/" >&2
         exit 2
     fi
-    for name in wikitext fineweb tinystories; do  # `mllm corpus` always mixes in these three
+    for name in wikitext fineweb tinystories; do  # default sources with no folder: left out
         if [[ ! -d "$DATA/$name" ]]; then
-            say "demo: DATA=$DATA has no $name/ subfolder: the corpus mixes wikitext, fineweb and tinystories, so give a folder for each (e.g. DATA=../shared/data)" >&2
-            exit 2
+            say "demo: DATA=$DATA has no $name/ subfolder: leaving $name out of the mix"
+            sources+=(--ratio "$name=0")
         fi
     done
     where="local text in $DATA"

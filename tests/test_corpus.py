@@ -312,7 +312,7 @@ def test_shared_data_corpus(run_cli, tmp_path: Path, shared_data: Path) -> None:
     [
         (["--source", "wikitext"], "expected NAME=PATH or NAME=HUB_ID"),
         (["--ratio", "books=1"], "no source named 'books'"),
-        (["--ratio", "4:0:2"], "must be a positive number"),
+        (["--ratio", "4:-1:2"], "must be a number >= 0"),
         (["--ratio", "4:4"], "2 weight(s) for 3 sources"),
         (["--source", "wikitext=./missing/*.txt"], "matches no data files"),
         (["--max-lines", "0"], "--max-lines"),
@@ -416,3 +416,24 @@ def test_hub_errors_after_the_probe_are_one_clear_line(run_cli, tmp_path: Path) 
     assert expected in message
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "data" / "corpus.txt").exists()
+
+
+def test_an_all_local_corpus_with_default_sources_left_out_works_offline(run_cli, tmp_path):
+    stories = tmp_path / "stories.txt"
+    line = "Story number {} is about a cat, a dog and the long walk they took to the sea.\n"
+    stories.write_text("".join(line.format(i) for i in range(50)))
+    result = run_cli(
+        "corpus",
+        "--data-dir",
+        tmp_path / "d",
+        "--source",
+        f"tinystories={stories}",
+        "--ratio",
+        "wikitext=0",
+        "--ratio",
+        "fineweb=0",
+        "--max-lines",
+        "20",
+    )
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "d" / "corpus.txt").read_text().splitlines()) == 20

@@ -64,6 +64,20 @@ def test_demo_runs_the_pipeline_twice_on_local_text(tmp_path: Path, shared_data:
     assert second.stdout.count("Once upon a time") >= 2
 
 
+def test_demo_leaves_out_default_sources_without_a_folder(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    data = tmp_path / "texts"
+    (data / "tinystories").mkdir(parents=True)
+    for file in (shared_data / "tinystories").glob("*.txt"):
+        (data / "tinystories" / file.name).write_bytes(file.read_bytes())
+    result = run_demo(tmp_path, str(data), DEMO_STEPS="2", DEMO_SAMPLES="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("wikitext", "fineweb"):
+        assert f"no {name}/ subfolder: leaving {name} out of the mix" in result.stdout
+    assert "Once upon a time" in result.stdout
+
+
 def test_demo_without_the_hub_says_how_to_use_local_text(tmp_path: Path) -> None:
     result = run_demo(tmp_path)
     assert result.returncode == 1
@@ -71,16 +85,13 @@ def test_demo_without_the_hub_says_how_to_use_local_text(tmp_path: Path) -> None
     assert "cannot be reached" in result.stderr and "make demo DATA=" in result.stderr
 
 
-@pytest.mark.parametrize("layout", ["missing", "file", "empty", "no-tinystories"])
+@pytest.mark.parametrize("layout", ["missing", "file", "empty"])
 def test_demo_rejects_a_data_folder_it_cannot_use(tmp_path: Path, layout: str) -> None:
     data = tmp_path / "texts"
     if layout == "file":
         data.write_text("not a folder")
     elif layout == "empty":
         data.mkdir()
-    elif layout == "no-tinystories":
-        for name in ("wikitext", "fineweb"):
-            (data / name).mkdir(parents=True)
     result = run_demo(tmp_path, str(data))
     assert result.returncode == 2
     assert result.stderr.startswith("demo: DATA=") and result.stderr.count("\n") == 1

@@ -60,6 +60,14 @@ def test_ratio_by_name_keeps_the_other_defaults() -> None:
     assert [s.weight for s in specs] == [4.0, 1.5, 2.0]
 
 
+def test_weight_zero_leaves_a_source_out(tmp_path: Path) -> None:
+    stories = tmp_path / "stories.txt"
+    stories.write_text("a story\n")
+    specs = resolve_sources([f"tinystories={stories}"], ["wikitext=0", "fineweb=0"])
+    assert [(s.name, s.weight, s.is_hub) for s in specs] == [("tinystories", 2.0, False)]
+    assert [s.name for s in resolve_sources([], ["4:0:2"])] == ["wikitext", "tinystories"]
+
+
 def test_wikitext_rules_follow_the_hub_id_or_the_local_name(tmp_path: Path) -> None:
     (tmp_path / "w.raw").write_text(" = T = \n")
     specs = resolve_sources(
@@ -90,10 +98,11 @@ def test_wikitext_rules_follow_the_hub_id_or_the_local_name(tmp_path: Path) -> N
         ([], ["4:4"], "2 weight(s) for 3 sources"),
         ([], ["4:4:2:1"], "4 weight(s) for 3 sources"),
         ([], ["4:4:2", "1:1:1"], "given twice"),
-        ([], ["4:0:2"], "must be a positive number"),
-        ([], ["4:-1:2"], "must be a positive number"),
-        ([], ["fineweb=0"], "must be a positive number"),
-        ([], ["fineweb=nan"], "must be a positive number"),
+        ([], ["4:-1:2"], "must be a number >= 0"),
+        ([], ["fineweb=-2"], "must be a number >= 0"),
+        ([], ["fineweb=nan"], "must be a number >= 0"),
+        ([], ["fineweb=inf"], "must be a number >= 0"),
+        ([], ["0:0:0"], "every source has weight 0"),
         ([], ["4:x:2"], "'x' is not a number"),
         ([], ["books=2"], "no source named 'books'"),
         ([], ["fineweb"], "1 weight(s) for 3 sources"),

@@ -56,7 +56,8 @@ class CorpusConfig(CommandConfig):
     ratio: list[str] = Field(
         default_factory=list,
         description="Mixture weights: W1:W2:... in source order (default 4:4:2 for wikitext, "
-        "fineweb, tinystories; added sources follow), and/or NAME=W per source. Repeatable.",
+        "fineweb, tinystories; added sources follow), and/or NAME=W per source; 0 leaves a "
+        "source out. Repeatable.",
     )
     max_lines: int = Field(
         10_000_000, gt=0, description="Total documents to write, split by the ratio."

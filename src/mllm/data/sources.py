@@ -127,6 +127,8 @@ def resolve_sources(source_flags: list[str], ratio_flags: list[str]) -> list[Sou
     weights = _parse_ratio(ratio_flags, list(where))
     specs = []
     for name, target in where.items():
+        if weights[name] == 0:  # left out: its files are not read, its hub never asked
+            continue
         if isinstance(target, HubDataset):
             specs.append(SourceSpec(name, weights[name], given_as[name], hub=target))
         else:
@@ -168,7 +170,8 @@ def _parse_source_value(name: str, value: str) -> HubDataset | tuple[str, tuple[
 
 def _parse_ratio(ratio_flags: list[str], names: list[str]) -> dict[str, float]:
     """`--ratio W1:W2:...` gives every source's weight in order (default sources first, then
-    added ones); `--ratio NAME=W` sets one source's weight, over the defaults or W1:W2:...."""
+    added ones); `--ratio NAME=W` sets one source's weight, over the defaults or W1:W2:....
+    A weight of 0 leaves a source out (e.g. a default source you have no local copy of)."""
     weights: dict[str, float | None] = {name: DEFAULT_WEIGHTS.get(name) for name in names}
     positional = [flag.strip() for flag in ratio_flags if "=" not in flag]
     by_name = [flag.strip() for flag in ratio_flags if "=" in flag]
@@ -197,6 +200,8 @@ def _parse_ratio(ratio_flags: list[str], names: list[str]) -> dict[str, float]:
             f"source {missing[0]!r} has no weight: add --ratio {missing[0]}=W "
             f"(or --ratio W1:W2:... for all {len(names)} sources)"
         )
+    if not any(weights.values()):
+        raise UsageError("--ratio: every source has weight 0; give at least one a positive weight")
     return {name: float(weight) for name, weight in weights.items() if weight is not None}
 
 
@@ -205,8 +210,8 @@ def _parse_weight(text: str, context: str) -> float:
         weight = float(text)
     except ValueError:
         raise UsageError(f"{context}: weight {text!r} is not a number") from None
-    if not weight > 0 or weight == float("inf"):
-        raise UsageError(f"{context}: weight {text!r} must be a positive number")
+    if not weight >= 0 or weight == float("inf"):
+        raise UsageError(f"{context}: weight {text!r} must be a number >= 0 (0 leaves it out)")
     return weight
 
 
