@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Iterator
 
 import torch
 
+from benchlib import cpu_name, load_average
 from mllm.config import ModelConfig
 from mllm.device import DTYPE_NAMES, DTYPES, decode_threads, resolve_decode_dtype
 from mllm.generate import (
@@ -123,24 +123,6 @@ def measure_config(name: str, args: argparse.Namespace) -> list[dict]:
             row["speedup"] = round(row["cached_tokens_per_s"] / row["no_cache_tokens_per_s"], 2)
         rows.append(row)
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def main() -> None:

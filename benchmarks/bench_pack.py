@@ -28,7 +28,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -38,6 +37,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchlib import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = [REPO.parent / "shared" / "data", REPO.parent / "shared" / "data-extra"]
@@ -194,16 +195,6 @@ def compare(
             "pack": [round(r["seconds"], 2) for r in pack_runs],
         },
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

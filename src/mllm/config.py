@@ -24,6 +24,9 @@ DataDir = Annotated[
     Field(description="Folder holding corpus.txt, tokenizer.json, train.bin, val.bin, data.json."),
 ]
 RunDir = Annotated[Path, Field(description="Folder of one training run (checkpoints, metrics).")]
+CorpusPath = Annotated[
+    Path | None, Field(description="corpus.txt to read (default: DATA_DIR/corpus.txt).")
+]
 CheckpointPath = Annotated[
     Path | None,
     Field(description="A checkpoint folder to use (default: the run's best, else its latest)."),
@@ -86,9 +89,7 @@ class TokenizeConfig(CommandConfig):
     """`mllm tokenize`: train a byte-level BPE tokenizer on corpus.txt."""
 
     data_dir: DataDir = DEFAULT_DATA_DIR
-    corpus: Path | None = Field(
-        None, description="corpus.txt to read (default: DATA_DIR/corpus.txt)."
-    )
+    corpus: CorpusPath = None
     output: Path | None = Field(
         None, description="tokenizer.json to write (default: DATA_DIR/tokenizer.json)."
     )
@@ -108,9 +109,7 @@ class PackConfig(CommandConfig):
     """`mllm pack`: encode corpus.txt into train.bin / val.bin token streams plus data.json."""
 
     data_dir: DataDir = DEFAULT_DATA_DIR
-    corpus: Path | None = Field(
-        None, description="corpus.txt to read (default: DATA_DIR/corpus.txt)."
-    )
+    corpus: CorpusPath = None
     tokenizer: Path | None = Field(
         None, description="tokenizer.json to use (default: DATA_DIR/tokenizer.json)."
     )
