@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,3 +315,18 @@ def test_empty_prompt_exits_2(tmp_path: Path) -> None:
     result = invoke("generate", "", "--run-dir", tmp_path)
     assert result.exit_code == 2
     assert "PROMPT" in result.output
+
+
+def test_a_reader_that_leaves_early_ends_generation_quietly(run: Path) -> None:
+    """`mllm generate ... | head -c 10`: the closed pipe stops decoding, with no error."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mllm", "generate", "Once upon a time", "--run-dir", str(run),
+         "--max-new-tokens", "5000", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(10)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "error" not in stderr and "Traceback" not in stderr

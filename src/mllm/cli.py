@@ -6,7 +6,6 @@ module is imported only when the command runs (so `mllm --help` does not pay for
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
@@ -125,7 +124,4 @@ def main() -> None:
     except typer.Abort:
         typer.echo("interrupted", err=True)
         code = 130
-    except BrokenPipeError:  # e.g. `mllm generate ... | head`: the reader left; that is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 0
     sys.exit(code or 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import traceback
 import types
@@ -23,6 +24,7 @@ from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from rich.markup import escape
 
 from mllm.console import error as console_error
 from mllm.console import set_quiet
@@ -71,37 +73,39 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
-def _default_text(field: FieldInfo) -> str | bool:
+def _help_with_default(field: FieldInfo) -> str:
+    """The field's description plus its default, e.g. "... [default: 16000]" or "[default: on]"
+    (typer cannot show it: every flag's CLI default is None, meaning "not given")."""
+    help_text = field.description or ""
+    if field.is_required():
+        return help_text
     value = field.get_default(call_default_factory=True)
-    if value is None or value == [] or value is ...:
-        return False
-    if isinstance(value, bool):
-        return False  # typer shows the --x/--no-x pair; the help says the default
-    return str(value)
+    if value is None or value == []:
+        return help_text
+    shown = ("on" if value else "off") if isinstance(value, bool) else str(value)
+    return f"{help_text} {escape(f'[default: {shown}]')}"
 
 
 def _typer_parameter(spec: FlagSpec, positional: bool) -> inspect.Parameter:
     tp = _strip_optional(spec.annotation)
     if get_origin(tp) is Annotated:
         tp = get_args(tp)[0]
-    help_text = spec.field.description or ""
-    kwargs: dict[str, Any] = {"help": help_text, "show_default": _default_text(spec.field)}
-    origin = get_origin(tp)
-    if origin is list:
-        cli_type = list[get_args(tp)[0]]
+    help_text = _help_with_default(spec.field)
+    kwargs: dict[str, Any] = {"help": help_text, "show_default": False}
+    if get_origin(tp) is list:
+        cli_type: Any = list[get_args(tp)[0]]
         kwargs["metavar"] = "TEXT"
-    elif tp is bool:
-        default = spec.field.default
-        help_text += f" [default: {'on' if default else 'off'}]"
-        kwargs["help"] = help_text
-        cli_type = bool
     else:
-        cli_type = tp  # Literal[...] becomes a choice; Path, int, float, str as they are
-    if positional:
-        info = typer.Argument(help=help_text, show_default=False)
-    elif tp is bool:
+        cli_type = tp  # Literal[...] becomes a choice; bool, Path, int, float, str as they are
+    if positional:  # required on the command line (a prompt has no sensible default)
+        info = typer.Argument(help=help_text, show_default=False, metavar=spec.path[-1].upper())
+        annotation: Any = Annotated[cli_type, info]
+        return inspect.Parameter(
+            spec.param_name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation
+        )
+    if tp is bool:
         name = spec.flag.removeprefix("--")
-        info = typer.Option(f"--{name}/--no-{name}", **kwargs)
+        info = typer.Option(f"--{name}/--no-{name}", metavar="", **kwargs)
     else:
         info = typer.Option(spec.flag, **kwargs)
     return inspect.Parameter(
@@ -250,14 +254,19 @@ def config_command(
                 inspect.Parameter.KEYWORD_ONLY,
                 default=False,
                 annotation=Annotated[
-                    bool, typer.Option("--quiet", "-q", help="No progress bars or info lines.")
+                    bool,
+                    typer.Option(
+                        "--quiet", "-q", help="No progress bars or info lines.", metavar=""
+                    ),
                 ],
             ),
             inspect.Parameter(
                 "debug",
                 inspect.Parameter.KEYWORD_ONLY,
                 default=False,
-                annotation=Annotated[bool, typer.Option("--debug", help="Show tracebacks.")],
+                annotation=Annotated[
+                    bool, typer.Option("--debug", help="Show tracebacks.", metavar="")
+                ],
             ),
         ]
 
@@ -277,6 +286,9 @@ def config_command(
                 report_error_and_exit(e, debug)
             except typer.Exit:
                 raise
+            except BrokenPipeError:  # e.g. `mllm generate ... | head`: the reader left, fine
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise typer.Exit(0) from None
             except Exception as e:
                 report_error_and_exit(e, debug)
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from mllm.errors import MllmError
+from mllm.errors import MllmError, UsageError
 
 
 def fsync_dir(folder: Path) -> None:
@@ -75,10 +75,15 @@ def remove_stale_temp_files(path: Path) -> int:
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file for writing that replaces `path` only if the block succeeds.
 
+    `path` must be a regular file or not exist yet: writing "to" /dev/null or a folder is refused.
+
     On any exception (KeyboardInterrupt included) the temporary file is removed and `path` is left
     as it was.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # A rename would replace a device (/dev/null, /dev/stdout) or fail on a folder.
+        raise UsageError(f"{path} exists and is not a regular file: give a file path to write")
     ensure_writable_dir(path.parent)
     tmp = temp_path_for(path)
     try:
