@@ -69,3 +69,12 @@ def test_mismatched_weights_are_refused(tmp_path: Path) -> None:
     other = GPT(ModelConfig(vocab_size=50, context=16, d_model=16, layers=2, heads=2))
     with pytest.raises(MllmError, match="does not match"):
         ckpt.load_weights(path, other)
+
+
+def test_a_damaged_weights_file_is_one_clear_error(tmp_path: Path) -> None:
+    model = tiny_model()
+    path = ckpt.write_checkpoint(tmp_path, 1, model, state_for(model, 1))
+    weights = path / ckpt.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated, e.g. a copy cut short
+    with pytest.raises(MllmError, match="is damaged"):
+        ckpt.load_checkpoint(path)

@@ -85,3 +85,13 @@ def test_cli_help_lists_commands(run_cli) -> None:
     assert result.returncode == 0
     for command in ("corpus", "tokenize", "pack", "train", "eval", "generate", "serve"):
         assert command in result.stdout
+
+
+def test_a_misspelt_key_gets_a_suggestion_and_a_yaml_error_its_line(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("contxt: 5\n")
+    with pytest.raises(UsageError, match="did you mean 'context'"):
+        build_config(TrainConfig, {}, cfg_file)
+    cfg_file.write_text("lr: 0.1\nbatch: [1, 2\nlayers: 3\n")
+    with pytest.raises(UsageError, match=r"line 3"):
+        build_config(TrainConfig, {}, cfg_file)

@@ -128,6 +128,7 @@ def test_best_checkpoint_survives_retention(data_dir: Path, tmp_path: Path) -> N
         (["--lr", "-0.1"], "--lr:"),
         (["--max-steps", "3", "--max-tokens", "1000"], "not both"),
         (["--batch-size", "0"], "--batch-size:"),
+        (["--device", "cpu", "--dtype", "fp16"], "fp16 is not supported"),
     ],
 )
 def test_bad_flag_values_exit_2_with_one_line(

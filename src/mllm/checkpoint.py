@@ -184,7 +184,13 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 def load_weights(checkpoint: str | Path, model: GPT) -> None:
     """Load model.safetensors into `model` (strict: every name and shape must match)."""
-    weights = load_file(Path(checkpoint) / WEIGHTS)
+    try:
+        weights = load_file(Path(checkpoint) / WEIGHTS)
+    except Exception as e:  # safetensors raises its own error type for a truncated/corrupt file
+        raise MllmError(
+            f"{Path(checkpoint) / WEIGHTS} is damaged ({str(e).splitlines()[0]}): "
+            "use another checkpoint (--checkpoint)"
+        ) from None
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # a shape mismatch

@@ -9,6 +9,7 @@ line naming the flag. Core functions then receive a checked config and never see
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import os
@@ -136,7 +137,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as e:  # the parsers raise their own error types
-        raise UsageError(f"config file {path} does not parse: {e}".splitlines()[0]) from None
+        mark = getattr(e, "problem_mark", None)  # YAML errors know where they are
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        message = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise UsageError(f"config file {path} does not parse{where}: {message}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -195,7 +199,10 @@ def describe_validation_error(
     loc = tuple(str(part) for part in first["loc"] if not isinstance(part, int))
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return f"unknown option {'.'.join(loc)!r} (see --help for the options)"
+        known = [spec.path[-1] for spec in flag_specs(config_cls)]
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see --help for the options"
+        return f"unknown option {'.'.join(loc)!r} ({hint})"
     flags = {spec.path: spec.flag for spec in flag_specs(config_cls)}
     flags.update({(name,): name.upper() for name in positional})
     flag = flags.get(loc, "")  # a whole-model check (loc () or ("model",)) names its fields itself

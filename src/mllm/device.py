@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mllm.errors import MllmError
+from mllm.errors import MllmError, UsageError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {value: key for key, value in DTYPES.items()}
@@ -61,7 +61,7 @@ def resolve_train_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         dtype = DTYPES[name]
         if dtype == torch.float16 and device.type == "cpu":
-            raise MllmError("--dtype fp16 is not supported for training on CPU (use bf16 or fp32)")
+            raise UsageError("--dtype fp16 is not supported for training on CPU (use bf16 or fp32)")
         return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
