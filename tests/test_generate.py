@@ -303,6 +303,7 @@ def test_cli_missing_run_dir_is_one_clear_error(tmp_path: Path) -> None:
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--num-samples", "0"], "--num-samples"),
         (["--threads", "0"], "--threads"),
+        (["--stop", ""], "--stop"),
     ],
 )
 def test_invalid_sampling_values_exit_2(args: list[str], flag: str, tmp_path: Path) -> None:

@@ -95,3 +95,14 @@ def test_model_name_checkpoint_and_clean_exit_on_sigterm(run_dir: Path, tmp_path
     assert server.process.returncode in (0, -15), server.log()
     assert "Finished server process" in server.log()
     assert "Traceback" not in server.log()
+
+
+def test_quiet_still_says_where_it_listens(run_dir: Path, tmp_path: Path) -> None:
+    """With --port 0 the address line is the only way to find the port, so --quiet keeps it."""
+    server = ServerProcess(run_dir, "--quiet", "--threads", "1", log_path=tmp_path / "q.log")
+    try:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+    lines = server.log().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serving model"), lines

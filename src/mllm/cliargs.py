@@ -94,7 +94,10 @@ def _typer_parameter(spec: FlagSpec, positional: bool) -> inspect.Parameter:
     help_text = _help_with_default(spec.field)
     kwargs: dict[str, Any] = {"help": help_text, "show_default": False}
     if get_origin(tp) is list:
-        cli_type: Any = list[get_args(tp)[0]]
+        item = get_args(tp)[0]
+        if get_origin(item) is Annotated:  # the item's constraints are pydantic's business
+            item = get_args(item)[0]
+        cli_type: Any = list[item]
         kwargs["metavar"] = "TEXT"
     else:
         cli_type = tp  # Literal[...] becomes a choice; bool, Path, int, float, str as they are

@@ -252,7 +252,9 @@ class SamplingConfig(CommandConfig):
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: off).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass, in (0, 1].")
     seed: int | None = Field(None, description="Seed for reproducible samples.")
-    stop: list[str] = Field(default_factory=list, description="Stop at this string. Repeatable.")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Stop at this string (not empty). Repeatable."
+    )
 
 
 class GenerateConfig(SamplingConfig):

@@ -45,6 +45,11 @@ def info(message: str) -> None:
         err_console.print(message, soft_wrap=True)
 
 
+def essential(message: str) -> None:
+    """A line people need even with --quiet (e.g. the address a server listens on), on stderr."""
+    err_console.print(message, soft_wrap=True)
+
+
 def warn(message: str) -> None:
     """A warning on stderr; shown even with --quiet, since it may change what a result means.
 

@@ -529,8 +529,10 @@ def run_server(config: ServeConfig) -> None:
         import uvicorn
     except ImportError:
         raise MllmError("serving needs FastAPI and uvicorn: pip install 'mllm[serve]'") from None
+    from rich.markup import escape
+
     from mllm.checkpoint import find_checkpoint
-    from mllm.console import info, is_quiet
+    from mllm.console import essential, is_quiet
 
     checkpoint = find_checkpoint(config.run_dir, config.checkpoint)
     sock = listen_socket(config.host, config.port)
@@ -538,7 +540,8 @@ def run_server(config: ServeConfig) -> None:
     try:
         served = load_served_model(config, checkpoint)
         served.engine.start()
-        info(f"serving model {served.name!r} ({checkpoint}) at {url_of(sock)}")
+        # Even with --quiet: with --port 0 this line is the only way to learn the port.
+        essential(escape(f"serving model {served.name!r} ({checkpoint}) at {url_of(sock)}"))
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(served),
