@@ -167,3 +167,13 @@ def test_missing_data_and_run_dir_are_clear_errors(run: Path, tmp_path: Path) ->
     assert result.exit_code == 1 and "does not exist" in one_line(result.stderr)
     result = invoke("eval", "--run-dir", run, "--batch-size", "0")
     assert result.exit_code == 2 and "--batch-size" in result.stderr
+
+
+def test_data_from_another_pack_is_scored_with_a_warning(
+    run: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = resolve_split(EvalConfig(run_dir=run, data_dir=data))
+    check_same_tokenizer(split, {"pack_id": split.meta.pack_id}, run)
+    assert "warning" not in capsys.readouterr().err
+    check_same_tokenizer(split, {"pack_id": "another-pack"}, run)
+    assert "not from the pack" in " ".join(capsys.readouterr().err.split())

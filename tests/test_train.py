@@ -85,9 +85,12 @@ def test_cli_run_learns_and_writes_every_artifact(run_cli, data_dir: Path, tmp_p
     assert loaded.model.num_parameters() == 35_648
 
 
-def test_a_one_step_run_leaves_a_findable_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+def test_a_one_step_run_leaves_a_findable_checkpoint(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "one"
     result = train(config_for(data_dir, run_dir, max_steps=1, eval_interval=500))
+    assert "never reaches --lr" in " ".join(capsys.readouterr().err.split())  # warmup 5 > 1 step
     assert result.exit_code == 0 and result.step == 1
     found = ckpt.find_checkpoint(run_dir)
     assert found.name == "step_000001" and found == result.checkpoint

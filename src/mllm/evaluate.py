@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mllm.config import EvalConfig
+from mllm.console import warn
 from mllm.data.loader import TokenWindows
 from mllm.data.meta import DATA_JSON, DataMeta, load_data_meta
 from mllm.errors import MllmError, UsageError
@@ -103,6 +104,13 @@ def check_same_tokenizer(split: EvalSplit, trained_on: dict, checkpoint: Path) -
         raise MllmError(
             f"{split.path} has vocab size {split.meta.vocab_size}, but {checkpoint} was trained "
             f"on vocab size {vocab}: evaluate on data packed with the run's tokenizer"
+        )
+    pack_id = trained_on.get("pack_id")
+    if pack_id and split.meta.pack_id != pack_id:
+        warn(
+            f"{split.path} is not from the pack {checkpoint} trained on (pack_id {pack_id} vs "
+            f"{split.meta.pack_id}): a re-split or another corpus may share documents with what "
+            "the model trained on, so this loss can read too low"
         )
 
 

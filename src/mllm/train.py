@@ -187,6 +187,11 @@ def set_up_run(config: TrainConfig, device: torch.device, dist_info: Distributed
     stream = WindowStream(train_windows, global_batch, config.seed, config.stride)
     tokens_per_step = global_batch * model_config.context
     total_steps = total_steps_for(config, tokens_per_step)
+    if config.warmup_steps >= total_steps and dist_info.is_main:
+        warn(
+            f"--warmup-steps {config.warmup_steps} is not below the {total_steps} steps of the "
+            "run: the learning rate never reaches --lr (lower --warmup-steps)"
+        )
     module = prepare_model(model, config, device, dist_info)
 
     run = Run(
