@@ -367,6 +367,13 @@ def test_hub_offline_fails_at_once_with_the_fix(run_cli) -> None:
     assert "--source NAME=PATH" in message and result.stderr.count("error:") == 1
 
 
+def test_a_mistyped_local_path_read_as_a_hub_id_gets_a_hint(run_cli) -> None:
+    result = run_cli("corpus", "--source", "wikitext=mydata/wikitext", "--ratio", "4:0:0")
+    assert result.returncode == 1
+    message = " ".join(result.stderr.split())
+    assert "if mydata/wikitext is a local path, it does not exist here" in message
+
+
 def _online_env(endpoint: str) -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": endpoint}
 

@@ -291,9 +291,17 @@ def check_hub_reachable(specs: list[SourceSpec], timeout_s: float = 5.0) -> None
 def _raise_unreachable(hub_specs: list[SourceSpec], why: str) -> None:
     names = ", ".join(f"{s.name}={s.given_as}" for s in hub_specs)
     example = hub_specs[0].name
+    # A --source value like data/wikitext reads as a hub id when no such folder exists here.
+    typed = [s for s in hub_specs if s.given_as != str(DEFAULT_SOURCES.get(s.name, ""))]
+    hint = (
+        f" (if {typed[0].given_as} is a local path, it does not exist here: check it, or write "
+        f"it as ./{typed[0].given_as})"
+        if typed
+        else ""
+    )
     raise MllmError(
-        f"cannot reach the Hugging Face Hub ({why}) to stream {names}; build from local files "
-        f"instead with --source NAME=PATH for each of them (a file, folder or glob, e.g. "
+        f"cannot reach the Hugging Face Hub ({why}) to stream {names}{hint}; build from local "
+        f"files instead with --source NAME=PATH for each of them (a file, folder or glob, e.g. "
         f"--source {example}=path/to/{example})"
     )
 
