@@ -174,7 +174,27 @@ def test_cli_bad_corpus(run_cli, tmp_path: Path, content: bytes | None, message:
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_cli_max_bytes_below_the_first_line(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "corpus.txt").write_text("a first line much longer than ten bytes\nsecond\n")
+    result = run_cli("tokenize", "--data-dir", tmp_path, "--vocab-size", 300, "--max-bytes", 10)
+    assert result.returncode == 1
+    assert "fits in --max-bytes 10" in one_error_line(result)
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
 def test_cli_vocab_below_bytes_plus_eot_is_a_usage_error(run_cli, tmp_path: Path) -> None:
     result = run_cli("tokenize", "--data-dir", tmp_path, "--vocab-size", 256)
     assert result.returncode == 2
     assert "--vocab-size" in one_error_line(result)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab c\t\n'é🙂1.")), max_size=300), st.integers(1, 40))
+def test_long_documents_are_cut_where_the_pre_tokenizer_starts_a_word(text: str, limit: int):
+    from mllm.data.tokenizer import new_byte_level_bpe, word_aligned_pieces
+
+    pieces = word_aligned_pieces(text, limit)
+    assert "".join(pieces) == text
+    split = new_byte_level_bpe().pre_tokenizer  # the one the trainer counts words with
+    words = [w for w, _ in split.pre_tokenize_str(text)]
+    assert [w for piece in pieces for w, _ in split.pre_tokenize_str(piece)] == words
