@@ -21,6 +21,7 @@ TINY = {  # the demo's knobs, shrunk so the whole pipeline takes seconds
     "DEMO_HEADS": "2",
     "DEMO_BATCH": "4",
     "DEMO_STEPS": "4",
+    "DEMO_COMPILE": "0",
     "DEMO_NEW_TOKENS": "8",
     "DEMO_SAMPLES": "2",
 }

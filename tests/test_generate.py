@@ -244,7 +244,7 @@ def test_cli_threads_flag_sets_the_decode_threads(run: Path) -> None:
     finally:
         torch.set_num_threads(before)
     assert result.exit_code == 0, result.stderr
-    assert "cpu" in result.stderr and "1 threads" in result.stderr
+    assert "cpu" in result.stderr and "1 thread\n" in result.stderr
 
 
 def test_decode_threads_default_to_the_idle_cores() -> None:

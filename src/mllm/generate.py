@@ -267,7 +267,8 @@ def run_generate(config: GenerateConfig) -> None:
     tokenizer = load_run_tokenizer(loaded, config.tokenizer)
     model = prepare_for_decoding(loaded.model)
     context = model.config.context
-    threads = f" · {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    count = torch.get_num_threads()
+    threads = f" · {count} thread{'s' * (count != 1)}" if device.type == "cpu" else ""
     console.info(
         f"{path} · {model.num_parameters() / 1e6:.1f}M parameters · {device.type} "
         f"{DTYPE_NAMES[dtype]}{threads}"
