@@ -514,3 +514,24 @@ def test_fastapi_validation_errors_become_400_in_the_api_shape() -> None:
         assert test_client.get("/probe", params={"count": 3}).json() == {"count": 3}
         response = test_client.get("/probe", params={"count": "three"})
     assert_error(response, 400, param="query.count", match="integer")
+
+
+def test_a_full_waiting_queue_is_503_with_retry_after(run_dir: Path) -> None:
+    """Overload is refused at once, in the API's error shape, instead of queueing without bound.
+    The engine is not started here, so what waits stays waiting."""
+    from fastapi.testclient import TestClient
+
+    from mllm.checkpoint import find_checkpoint
+    from mllm.config import ServeConfig
+    from mllm.engine import Sequence
+    from mllm.sampling import SamplingParams
+    from mllm.serve import create_app, load_served_model
+
+    config = ServeConfig(run_dir=run_dir, max_waiting=1)
+    served = load_served_model(config, find_checkpoint(run_dir, None))
+    served.engine.submit([Sequence([1, 2], 4, SamplingParams(0.0), lambda event: None)])
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4}
+    with TestClient(create_app(served)) as test_client:
+        response = test_client.post("/v1/completions", json=body)
+    assert_error(response, 503, code="server_overloaded", match="--max-waiting 1")
+    assert response.headers["Retry-After"] == "1"

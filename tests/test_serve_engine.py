@@ -12,7 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from mllm.engine import Engine, Event, Failed, Finished, Sequence, TextDelta
+from mllm.engine import Engine, Event, Failed, Finished, QueueFull, Sequence, TextDelta
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
 from mllm.textstream import TextStream, token_byte_table
@@ -238,3 +238,21 @@ def test_submit_refuses_more_than_the_context(engine_factory, tokenizer) -> None
     seq, _ = sequence(tokenizer, PROMPTS[0], max_tokens=64)
     with pytest.raises(ValueError, match="context"):
         engine.submit([seq])
+
+
+def test_submit_refuses_new_work_while_max_waiting_sequences_wait(model, tokenizer) -> None:
+    engine = Engine(model, token_byte_table(tokenizer), tokenizer.token_to_id(EOT), 1, 2)
+    pairs = [sequence(tokenizer, p, max_tokens=3) for p in PROMPTS]
+    engine.submit([pairs[0][0]])  # not started: everything waits
+    engine.submit([pairs[1][0], pairs[2][0]])  # one waits, under 2: taken whole
+    with pytest.raises(QueueFull, match="3 sequences are waiting"):
+        engine.submit([pairs[3][0]])
+    assert engine.stats.waiting == 3
+    engine.start()
+    try:
+        for _, outcome in pairs[:3]:
+            assert outcome.done.wait(30) and outcome.end == Finished("length", 3)
+        [late] = run(engine, [pairs[3]])  # the queue drained: taken now
+        assert late.end == Finished("length", 3)
+    finally:
+        engine.stop()

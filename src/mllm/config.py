@@ -287,6 +287,12 @@ class ServeConfig(CommandConfig):
     max_batch_size: int = Field(
         16, ge=1, description="Sequences decoded together at most (more wait their turn)."
     )
+    max_waiting: int = Field(
+        256,
+        ge=1,
+        description="Sequences that may wait for a free row; while that many wait, new requests "
+        "get HTTP 503 with Retry-After.",
+    )
     model_name: str | None = Field(
         None,
         min_length=1,

@@ -106,6 +106,10 @@ class EngineStats:
     running: int = 0
 
 
+class QueueFull(Exception):
+    """`Engine.submit` refused: as many sequences wait as the engine lets wait."""
+
+
 class Engine:
     """The decode loop thread and its queue of waiting sequences."""
 
@@ -115,10 +119,12 @@ class Engine:
         token_bytes: Seq[bytes],
         eot_id: int | None,
         max_batch_size: int,
+        max_waiting: int | None = None,
     ) -> None:
         self.model = model
         self.eot_id = eot_id
         self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting  # None: no limit
         self.context = model.config.context
         param = next(model.parameters())
         self.device = param.device
@@ -147,11 +153,16 @@ class Engine:
             self._thread.join(timeout=30)
 
     def submit(self, sequences: Seq[Sequence]) -> None:
-        """Queue sequences for decoding (they start as rows free up, in order)."""
+        """Queue sequences for decoding (they start as rows free up, in order). Raises QueueFull
+        when `max_waiting` sequences already wait: an overloaded server then refuses new work at
+        once instead of queueing it without bound (a request is taken whole or not at all, so
+        one with more sequences than the limit still gets in when the queue is empty)."""
         for sequence in sequences:
             if len(sequence.prompt_ids) + sequence.max_tokens > self.context:
                 raise ValueError("prompt plus max_tokens exceeds the context")
         with self._wakeup:
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} sequences are waiting")
             self._waiting.extend(sequences)
             self.stats.waiting = len(self._waiting)
             self._wakeup.notify()

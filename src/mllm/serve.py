@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mllm.config import ServeConfig
-from mllm.engine import Engine, Event, Failed, Finished, Sequence, TextDelta
+from mllm.engine import Engine, Event, Failed, Finished, QueueFull, Sequence, TextDelta
 from mllm.errors import MllmError, UsageError
 from mllm.sampling import SamplingParams
 from mllm.serve_schema import (
@@ -353,7 +353,7 @@ def create_app(served: ServedModel) -> Any:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status_code)
+        return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -431,7 +431,17 @@ def create_app(served: ServedModel) -> Any:
             )
         budgets = [completion_budget(completion, ids, served.context) for ids in prompts]
         job = build_job(completion, prompts, budgets)
-        served.engine.submit(job.sequences)
+        try:
+            served.engine.submit(job.sequences)
+        except QueueFull as full:
+            raise ApiError(
+                503,
+                f"the server is overloaded ({full}; --max-waiting "
+                f"{served.engine.max_waiting}): retry shortly",
+                error_type="server_error",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            ) from None
         if completion.stream:
             return JobStream(job, stream_chunks(job, served.name, completion.include_usage))
         result = await collect(job, request, served.name)
@@ -487,7 +497,8 @@ def uvicorn_log_config(quiet: bool) -> dict[str, Any]:
 
 
 def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
-    """Load the checkpoint and its tokenizer (refusing a mismatch) and start the engine."""
+    """Load the checkpoint and its tokenizer (refusing a mismatch) and build the engine
+    (`run_server` starts it)."""
     import torch
 
     from mllm.checkpoint import load_checkpoint, load_run_tokenizer, run_dir_of
@@ -510,6 +521,7 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
         token_byte_table(tokenizer),
         eot_id=loaded.data.get("eot_id"),
         max_batch_size=config.max_batch_size,
+        max_waiting=config.max_waiting,
     )
     name = config.model_name or run_dir_of(checkpoint).resolve().name or "mllm"
     return ServedModel(

@@ -32,6 +32,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         error_type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -39,6 +40,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.error_type = error_type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.code)
