@@ -99,6 +99,20 @@ def test_loss_is_the_mean_over_non_overlapping_windows(run: Path, data: Path) ->
     assert result.windows == math.ceil((len(tokens) - 1) / 16)
 
 
+def test_head_chunks_do_not_change_the_sum(run: Path, data: Path) -> None:
+    from mllm.data.loader import TokenWindows
+    from mllm.scoring import sum_nll
+
+    model = load_checkpoint(run / "checkpoints/step_000005").model
+    windows = TokenWindows(data / "val.bin", np.uint16, model.config.context)
+    starts = np.arange(0, len(windows.tokens) - model.config.context - 1, 16)
+    cpu = torch.device("cpu")
+    whole = sum_nll(model, windows, starts, 4, cpu, torch.float32)
+    chunked = sum_nll(model, windows, starts, 4, cpu, torch.float32, chunk_rows=7)
+    assert chunked[1] == whole[1] == len(starts) * model.config.context
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-6)
+
+
 def test_json_output_is_one_line_and_deterministic(run: Path, data: Path) -> None:
     args = ("eval", "--run-dir", run, "--data-dir", data, "--json")
     first, second = invoke(*args), invoke(*args, "--batch-size", "8")

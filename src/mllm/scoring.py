@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from mllm.data.loader import TokenWindows
 from mllm.device import autocast
+from mllm.losses import rows_per_chunk
 from mllm.model import GPT
 
 
@@ -20,10 +21,12 @@ def sum_nll(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    chunk_rows: int | None = None,
 ) -> tuple[float, int]:
     """(total nats, tokens scored) of `model` over the windows starting at `starts`.
 
-    Sums in float64 so the result does not depend on how the windows are batched.
+    Sums in float64 so the result does not depend on how the windows are batched. The head
+    runs `chunk_rows` positions at a time (default: losses.rows_per_chunk).
     """
     was_training = model.training
     model.eval()
@@ -33,9 +36,15 @@ def sum_nll(
         x, y = windows.gather(starts[first : first + batch_size])
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            logits = model(x)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        total += nll.double().sum().item()
+            hidden = model.hidden_states(x).flatten(0, 1)
+            targets = y.flatten()
+            # The head in row chunks, as training's loss does: never the whole batch's logits
+            # (8 windows of 1,024 at vocab 16,000 would be 0.5 GB in fp32).
+            step = chunk_rows or rows_per_chunk(model.head_weight.shape[0])
+            for row in range(0, len(targets), step):
+                logits = F.linear(hidden[row : row + step], model.head_weight)
+                nll = F.cross_entropy(logits.float(), targets[row : row + step], reduction="none")
+                total += nll.to("cpu", torch.float64).sum().item()  # MPS has no float64
         count += y.numel()
     model.train(was_training)
     return total, count
