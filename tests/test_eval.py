@@ -151,6 +151,21 @@ def test_split_can_be_any_packed_bin(run: Path, data: Path, tmp_path: Path) -> N
     assert result.exit_code == 2 and "--split" in result.stderr
 
 
+def test_a_bin_given_by_path_is_checked_against_its_data_json(run: Path, data: Path, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(data / "data.json", copy / "data.json")
+    (copy / "val.bin").write_bytes((data / "val.bin").read_bytes()[:100])  # cut short
+    (copy / "other.bin").write_bytes((data / "val.bin").read_bytes())
+    for name, words in [("val.bin", "holds 100 bytes but data.json says"),
+                        ("other.bin", "does not describe other.bin")]:  # fmt: skip
+        result = invoke("eval", "--run-dir", run, "--split", copy / name)
+        assert result.exit_code == 1, result.stdout
+        assert words in one_line(result.stderr)
+
+
 def test_checkpoint_flag_picks_a_checkpoint(run: Path, data: Path, tmp_path: Path) -> None:
     other_run = tmp_path / "other"
     step = write_tiny_run(other_run, run / "tokenizer.json", context=16, seed=9, step=2)

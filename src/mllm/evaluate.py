@@ -27,7 +27,7 @@ import numpy as np
 from mllm.config import EvalConfig
 from mllm.console import warn
 from mllm.data.loader import TokenWindows
-from mllm.data.meta import DATA_JSON, DataMeta, load_data_meta
+from mllm.data.meta import DATA_JSON, DataMeta, check_split_bin, load_data_meta
 from mllm.errors import MllmError, UsageError
 
 BYTES_CHUNK = 1 << 24  # tokens per chunk when counting bytes over a memmap
@@ -65,15 +65,7 @@ def resolve_split(config: EvalConfig) -> EvalSplit:
     beside it (which says the token dtype and the tokenizer it was packed with)."""
     if config.split in ("val", "train"):
         meta = load_data_meta(config.data_dir)
-        path = Path(config.data_dir) / meta.split(config.split).file
-        if not path.is_file():
-            raise MllmError(f"{path} not found: re-run `mllm pack --data-dir {config.data_dir}`")
-        expected = meta.split(config.split).tokens * meta.np_dtype.itemsize
-        if path.stat().st_size != expected:
-            raise MllmError(
-                f"{path} holds {path.stat().st_size} bytes but data.json says {expected}: "
-                f"re-run `mllm pack --data-dir {config.data_dir}`"
-            )
+        path = check_split_bin(config.data_dir, meta, config.split)
         return EvalSplit(config.split, path, meta)
     path = Path(config.split)
     if path.suffix != ".bin" and not path.is_file():
@@ -87,7 +79,15 @@ def resolve_split(config: EvalConfig) -> EvalSplit:
             f"{path} has no {DATA_JSON} beside it, so its token dtype and tokenizer are unknown: "
             f"evaluate a .bin that `mllm pack` wrote, in its own folder"
         )
-    return EvalSplit(str(path), path, load_data_meta(path.parent))
+    meta = load_data_meta(path.parent)
+    names = [name for name in ("train", "val") if meta.split(name).file == path.name]
+    if not names:
+        raise MllmError(
+            f"{path.parent / DATA_JSON} does not describe {path.name} (its bins are "
+            f"{meta.train.file} and {meta.val.file}): evaluate a .bin that `mllm pack` wrote"
+        )
+    check_split_bin(path.parent, meta, names[0])
+    return EvalSplit(str(path), path, meta)
 
 
 def check_same_tokenizer(split: EvalSplit, trained_on: dict, checkpoint: Path) -> None:

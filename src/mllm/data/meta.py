@@ -76,16 +76,22 @@ def load_data_meta(data_dir: str | Path) -> DataMeta:
 
 def check_bins(data_dir: str | Path, meta: DataMeta) -> None:
     """Refuse bins whose sizes do not match data.json (a pack that was interrupted or mixed)."""
-    data_dir = Path(data_dir)
     for name in ("train", "val"):
-        split = meta.split(name)
-        path = data_dir / split.file
-        if not path.exists():
-            raise MllmError(f"{path} not found: re-run `mllm pack --data-dir {data_dir}`")
-        expected = split.tokens * meta.np_dtype.itemsize
-        actual = path.stat().st_size
-        if actual != expected:
-            raise MllmError(
-                f"{path} holds {actual} bytes but data.json says {expected}: the bins and "
-                f"data.json do not belong together; re-run `mllm pack --data-dir {data_dir}`"
-            )
+        check_split_bin(data_dir, meta, name)
+
+
+def check_split_bin(data_dir: str | Path, meta: DataMeta, name: str) -> Path:
+    """The path of split `name`'s bin, refused unless it exists with the size data.json says."""
+    data_dir = Path(data_dir)
+    split = meta.split(name)
+    path = data_dir / split.file
+    if not path.is_file():
+        raise MllmError(f"{path} not found: re-run `mllm pack --data-dir {data_dir}`")
+    expected = split.tokens * meta.np_dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise MllmError(
+            f"{path} holds {actual} bytes but data.json says {expected}: the bins and "
+            f"data.json do not belong together; re-run `mllm pack --data-dir {data_dir}`"
+        )
+    return path
