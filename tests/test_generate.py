@@ -252,6 +252,18 @@ def test_decode_threads_default_to_the_idle_cores() -> None:
     assert 1 <= decode_threads() <= torch.get_num_threads()
 
 
+@pytest.mark.parametrize(
+    ("load", "reserved", "expected"),
+    [(0.0, 0, 8), (0.0, 1, 7), (2.6, 0, 5), (2.6, 1, 4), (7.8, 1, 1), (30.0, 0, 1)],
+)
+def test_decode_threads_are_the_idle_cores_less_the_reserved(
+    monkeypatch: pytest.MonkeyPatch, load: float, reserved: int, expected: int
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (load, 0.0, 0.0))
+    assert decode_threads(reserved=reserved) == expected
+
+
 def test_cli_seeded_samples_are_reproducible(run: Path) -> None:
     args = ("generate", "The fox", "--run-dir", run, "--seed", "7", "--top-k", "50")
     args += ("--top-p", "0.9", "--temperature", "1.3", "--max-new-tokens", "15", "-q")

@@ -102,9 +102,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def decode_threads(requested: int | None = None, reserved: int = 0) -> int:
-    """CPU threads for decoding: `requested`, else the cores this process may use, less
-    `reserved` (serve keeps one for its event loop), less those other processes keep busy
-    (the 1-minute load average, rounded); at least 1.
+    """CPU threads for decoding: `requested`, else the cores this process may use that other
+    processes leave idle (by the 1-minute load average, rounded), less `reserved` (serve keeps
+    one for its event loop); at least 1.
 
     Each matrix-vector product of a decode step is split across the threads and waits for the
     slowest, so a thread sharing its core with another busy process stalls every product.
@@ -119,10 +119,10 @@ def decode_threads(requested: int | None = None, reserved: int = 0) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    usable = cores - reserved
+    idle = cores
     with contextlib.suppress(AttributeError, OSError):  # no load average on Windows
-        usable = min(usable, round(cores - os.getloadavg()[0]))
-    return max(1, usable)
+        idle = min(cores, round(cores - os.getloadavg()[0]))
+    return max(1, idle - reserved)
 
 
 def _mps_supports_bf16() -> bool:
