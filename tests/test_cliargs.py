@@ -36,9 +36,9 @@ def test_toml_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ({("model", "d_model"): 100, ("model", "heads"): 3}, "divisible by heads"),
+        ({("model", "d_model"): 100, ("model", "heads"): 3}, "divisible by --heads"),
         ({("lr",): -1.0}, "--lr:"),
-        ({("min_lr",): 1.0, ("lr",): 0.1}, "min_lr"),
+        ({("min_lr",): 1.0, ("lr",): 0.1}, "--min-lr (1.0) must not exceed --lr"),
     ],
 )
 def test_bad_values_are_one_line_usage_errors(flags: dict, expected: str) -> None:

@@ -127,7 +127,7 @@ def test_best_checkpoint_survives_retention(data_dir: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--d-model", "30", "--heads", "4"], "divisible by heads"),
+        (["--d-model", "30", "--heads", "4"], "--d-model (30) must be divisible by --heads (4)"),
         (["--lr", "-0.1"], "--lr:"),
         (["--max-steps", "3", "--max-tokens", "1000"], "not both"),
         (["--batch-size", "0"], "--batch-size:"),

@@ -144,7 +144,9 @@ class ModelConfig(CommandConfig):
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.d_model % self.heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+            raise ValueError(
+                f"--d-model ({self.d_model}) must be divisible by --heads ({self.heads})"
+            )
         return self
 
     @property
@@ -214,7 +216,7 @@ class TrainConfig(CommandConfig):
     @model_validator(mode="after")
     def _lr_range(self) -> TrainConfig:
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+            raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         return self
 
     @model_validator(mode="after")
