@@ -169,6 +169,33 @@ def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
         train(config_for(tmp_path / "nothing", tmp_path / "r"))
 
 
+def test_a_tokenizer_changed_after_pack_is_refused_for_a_new_run(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "r"
+    train(config_for(data_dir, run_dir, max_steps=1))
+    (data_dir / "tokenizer.json").write_text('{"another": "tokenizer"}')  # tokenize re-ran
+    with pytest.raises(MllmError, match="did `mllm tokenize` run after `mllm pack`"):
+        train(config_for(data_dir, tmp_path / "new", max_steps=1))
+    assert not (tmp_path / "new").exists()
+    # The run that has its copy resumes, keeping that copy.
+    kept = (run_dir / "tokenizer.json").read_bytes()
+    resumed = train(config_for(data_dir, run_dir, max_steps=2, resume=True))
+    assert resumed.step == 2 and (run_dir / "tokenizer.json").read_bytes() == kept
+
+
+def test_a_resumed_runs_config_json_starts_a_new_run(data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    train(config_for(data_dir, run_dir, max_steps=1))
+    train(config_for(data_dir, run_dir, max_steps=2, resume=True))
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert "resume" not in saved
+    other = build_config(
+        TrainConfig, {("run_dir",): str(tmp_path / "other")}, run_dir / "config.json"
+    )
+    assert train(other).step == 2
+
+
 def test_max_tokens_rounds_up_to_whole_steps(data_dir: Path, tmp_path: Path) -> None:
     config = config_for(data_dir, tmp_path / "r", max_steps=None, max_tokens=1000)
     assert total_steps_for(config, tokens_per_step=256) == 4
@@ -247,7 +274,7 @@ def test_resume_config_keeps_the_saved_run_and_takes_explicit_options(tmp_path: 
     merged = merge_resume_config(given_, saved.model_dump(mode="json"))
     assert merged.model.d_model == 32 and merged.lr == 0.01 and merged.resume
     assert merged.max_tokens == 10_000 and merged.max_steps is None
-    with pytest.raises(UsageError, match="min_lr"):
+    with pytest.raises(UsageError, match="--min-lr"):
         merge_resume_config(
             build_config(TrainConfig, {("resume",): True, ("lr",): 1e-4}),
             saved.model_dump(mode="json"),

@@ -162,6 +162,8 @@ def set_up_run(config: TrainConfig, device: torch.device, dist_info: Distributed
 
     meta = load_data_meta(config.data_dir)
     check_bins(config.data_dir, meta)
+    if state is None:
+        check_tokenizer_packed_the_bins(config.data_dir, meta)
     model_config = resolve_model_config(config.model, meta)
     if state is not None and resume_from is not None:
         check_same_model(model_config, state, resume_from)
@@ -316,20 +318,30 @@ def restore_checkpoint(run: Run, checkpoint: Path, state: dict[str, Any]) -> Non
         ckpt.mark_best(run.run_dir, checkpoint, state["val_loss"])  # a kill may have cut it short
 
 
+def check_tokenizer_packed_the_bins(data_dir: Path, meta: DataMeta) -> None:
+    """Refuse a new run whose data dir holds another tokenizer than the bins were packed with
+    (`mllm tokenize` re-run after `mllm pack`): the run could never be sampled, since the
+    tokenizer its ids mean is gone. A missing tokenizer only warns (write_run_files)."""
+    tokenizer = data_dir / "tokenizer.json"
+    if tokenizer.is_file() and sha256_file(tokenizer) != meta.tokenizer_sha256:
+        raise MllmError(
+            f"{tokenizer} is not the tokenizer the bins in {data_dir} were packed with (did "
+            f"`mllm tokenize` run after `mllm pack`?): re-run `mllm pack --data-dir {data_dir}`"
+        )
+
+
 def write_run_files(config: TrainConfig, meta: DataMeta) -> None:
     """config.json (the resolved config), and copies of data.json and tokenizer.json, so the run
     dir alone is enough for eval, generate and serve."""
     run_dir = config.run_dir
-    atomic_write_json(run_dir / ckpt.RUN_CONFIG, config.model_dump(mode="json"))
+    # Without `resume`, so the file can start a new run as --config (flags win over it).
+    atomic_write_json(run_dir / ckpt.RUN_CONFIG, config.model_dump(mode="json", exclude={"resume"}))
     atomic_write_bytes(run_dir / ckpt.RUN_DATA, (config.data_dir / DATA_JSON).read_bytes())
     tokenizer = config.data_dir / "tokenizer.json"
     if not tokenizer.is_file():
         warn(f"no {tokenizer}: generate and serve will need --tokenizer")
-    elif sha256_file(tokenizer) != meta.tokenizer_sha256:
-        warn(
-            f"{tokenizer} is not the tokenizer data.json was packed with (sha256 differs): not "
-            "copied to the run dir; generate and serve will need --tokenizer"
-        )
+    elif sha256_file(tokenizer) != meta.tokenizer_sha256:  # only on --resume: see above
+        warn(f"{tokenizer} changed since the bins were packed: the run dir's copy is kept")
     else:
         atomic_write_bytes(run_dir / ckpt.RUN_TOKENIZER, tokenizer.read_bytes())
 
