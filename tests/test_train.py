@@ -100,6 +100,15 @@ def test_a_one_step_run_leaves_a_findable_checkpoint(
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 1]  # the train and the val record
 
 
+def test_warmup_as_long_as_the_run_reaches_lr_without_a_warning(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = config_for(data_dir, tmp_path / "r", max_steps=2, warmup_steps=2, eval_interval=500)
+    assert lr_at(1, config, 2) == config.lr
+    train(config)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_best_checkpoint_survives_retention(data_dir: Path, tmp_path: Path) -> None:
     """A lr that makes the loss climb after step 4: the best stays, beside the last K."""
     run_dir = tmp_path / "best"

@@ -189,9 +189,9 @@ def set_up_run(config: TrainConfig, device: torch.device, dist_info: Distributed
     stream = WindowStream(train_windows, global_batch, config.seed, config.stride)
     tokens_per_step = global_batch * model_config.context
     total_steps = total_steps_for(config, tokens_per_step)
-    if config.warmup_steps >= total_steps and dist_info.is_main:
+    if config.warmup_steps > total_steps and dist_info.is_main:  # warmup reaches lr at its end
         warn(
-            f"--warmup-steps {config.warmup_steps} is not below the {total_steps} steps of the "
+            f"--warmup-steps {config.warmup_steps} is more than the {total_steps} steps of the "
             "run: the learning rate never reaches --lr (lower --warmup-steps)"
         )
     module = prepare_model(model, config, device, dist_info)
