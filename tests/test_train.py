@@ -193,6 +193,17 @@ def test_a_tokenizer_changed_after_pack_is_refused_for_a_new_run(
     assert resumed.step == 2 and (run_dir / "tokenizer.json").read_bytes() == kept
 
 
+def test_optimizer_options_given_to_resume_take_effect(data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    train(config_for(data_dir, run_dir, max_steps=1, weight_decay=0.1, beta2=0.95))
+    resumed = train(
+        config_for(data_dir, run_dir, max_steps=2, resume=True, weight_decay=0.0, beta2=0.99)
+    )
+    groups = ckpt.read_trainer_state(resumed.checkpoint)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in groups)
+
+
 def test_a_resumed_runs_config_json_starts_a_new_run(data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     train(config_for(data_dir, run_dir, max_steps=1))

@@ -23,13 +23,26 @@ def build_optimizer(
     whole update instead of one per tensor)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2]},
     ]
-    kwargs: dict = {"lr": config.lr, "betas": (config.beta1, config.beta2), "eps": 1e-8}
+    kwargs: dict = {"lr": config.lr, "eps": 1e-8}
     if _fused_supported(device):
         kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
+    optimizer = torch.optim.AdamW(groups, **kwargs)
+    set_hyperparameters(optimizer, config)
+    return optimizer
+
+
+def set_hyperparameters(optimizer: torch.optim.AdamW, config: TrainConfig) -> None:
+    """The config's weight decay (matrices only) and betas, in the optimizer's groups. Loading a
+    checkpoint's optimizer state brings the saved values back, so a resumed run calls this
+    again to take the options given this time (the lr is set at every step anyway)."""
+    matrices, vectors = optimizer.param_groups
+    matrices["weight_decay"] = config.weight_decay
+    vectors["weight_decay"] = 0.0
+    for group in optimizer.param_groups:
+        group["betas"] = (config.beta1, config.beta2)
 
 
 def _fused_supported(device: torch.device) -> bool:

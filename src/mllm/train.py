@@ -57,7 +57,7 @@ from mllm.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from mllm.flops import peak_flops
 from mllm.metrics import MetricsLog, TrainDisplay, plot_losses
 from mllm.model import GPT
-from mllm.optim import build_optimizer, lr_at
+from mllm.optim import build_optimizer, lr_at, set_hyperparameters
 from mllm.scoring import sum_nll
 from mllm.trainstate import (
     WindowStream,
@@ -295,6 +295,7 @@ def restore_checkpoint(run: Run, checkpoint: Path, state: dict[str, Any]) -> Non
     when `checkpoint` was saved (the weights are already loaded)."""
     trainer = ckpt.read_trainer_state(checkpoint)
     run.optimizer.load_state_dict(trainer["optimizer"])
+    set_hyperparameters(run.optimizer, run.config)  # options given to --resume win
     if run.scaler.is_enabled() and trainer.get("scaler"):
         run.scaler.load_state_dict(trainer["scaler"])
     run.stream.load_state_dict(state["data_position"])
