@@ -56,6 +56,33 @@ def test_incomplete_folders_are_ignored(tmp_path: Path) -> None:
         ckpt.find_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("fail_at", [1, 2])  # the first rename (old aside) or the second
+def test_a_resave_cut_short_leaves_a_complete_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    model = tiny_model()
+    ckpt.write_checkpoint(tmp_path, 5, model, {**state_for(model, 5), "saved": "first"})
+    rename, calls = Path.rename, []
+
+    def second_signal(self: Path, target: Path) -> Path:
+        calls.append(self)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", second_signal)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_checkpoint(tmp_path, 5, model, {**state_for(model, 5), "saved": "second"})
+    monkeypatch.undo()
+    [found] = ckpt.list_checkpoints(tmp_path)
+    assert ckpt.read_state(found)["saved"] == "first"
+    assert ckpt.load_checkpoint(found).state["step"] == 5
+    # The next save of that step replaces it and tidies up.
+    ckpt.write_checkpoint(tmp_path, 5, model, {**state_for(model, 5), "saved": "third"})
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000005"]
+    assert ckpt.read_state(ckpt.find_checkpoint(tmp_path))["saved"] == "third"
+
+
 def test_missing_run_dir_and_bad_checkpoint_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(MllmError, match="does not exist"):
         ckpt.find_checkpoint(tmp_path / "nope")

@@ -47,6 +47,7 @@ TRAINER_STATE = "trainer.pt"
 STATE = "state.json"
 BEST = "best.json"
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
+REPLACED_PREFIX = ".old-"  # a step_N being replaced by a new save of the same step
 
 
 def checkpoint_name(step: int) -> str:
@@ -58,16 +59,17 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (temporary folders are ignored)."""
+    """Complete checkpoint folders of a run, oldest first (temporary folders are ignored; a
+    `.old-step_N` left by a re-save cut short stands in for a missing step_N)."""
     folder = checkpoints_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = []
-    for child in folder.iterdir():
-        match = STEP_PATTERN.match(child.name)
+    found: dict[int, Path] = {}
+    for child in sorted(folder.iterdir(), key=lambda path: path.name.startswith(REPLACED_PREFIX)):
+        match = STEP_PATTERN.match(child.name.removeprefix(REPLACED_PREFIX))
         if match and (child / STATE).is_file() and (child / WEIGHTS).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+            found.setdefault(int(match.group(1)), child)  # step_N first, so it wins
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -155,10 +157,16 @@ def write_checkpoint(
             torch.save(trainer_state, tmp / TRAINER_STATE)
         atomic_write_json(tmp / STATE, state)
         fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a signal right after an interval save)
-            shutil.rmtree(final)
+        # Re-saving the same step (e.g. a signal right after an interval save) swaps by renames,
+        # so a complete copy exists at every moment (list_checkpoints reads the .old- one if a
+        # second signal lands between the two renames).
+        replaced = parent / f"{REPLACED_PREFIX}{final.name}"
+        if final.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+            final.rename(replaced)
         tmp.rename(final)
         fsync_dir(parent)
+        shutil.rmtree(replaced, ignore_errors=True)  # the old copy, or one a cut-short save left
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
