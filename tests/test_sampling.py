@@ -29,6 +29,14 @@ def test_top_p_keeps_smallest_prefix_reaching_mass() -> None:
     assert torch.isfinite(kept).tolist() == [[True, True, True, False]]
 
 
+def test_a_row_without_top_p_keeps_its_tail_beside_a_row_with_it() -> None:
+    logits = torch.randn(2, 320, generator=torch.Generator().manual_seed(0)) * 8
+    alone = filter_logits(logits[:1], [SamplingParams()])
+    together = filter_logits(logits, [SamplingParams(), SamplingParams(top_p=0.9)])
+    assert torch.isfinite(alone).all()
+    assert torch.equal(together[0], alone[0])
+
+
 def test_rows_keep_their_own_parameters_and_seeds() -> None:
     logits = torch.randn(3, 50)
     params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(top_p=0.9)]

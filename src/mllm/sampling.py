@@ -47,10 +47,11 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it
-    # already reaches top_p (so the most likely token always stays).
+    # already reaches top_p (so the most likely token always stays). Rows with top_p 1 are
+    # left alone: a float32 cumsum reaches 1.0 before the tail, which would cut it.
     mass_before = torch.cumsum(probs, dim=-1) - probs
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    sorted_logits = sorted_logits.masked_fill((mass_before >= top_p) & (top_p < 1.0), float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
