@@ -65,3 +65,34 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
     assert train_losses(two) == first_time
+
+
+RANK0_FAILS = """
+import torch.distributed as dist
+from mllm.device import distributed_from_env
+from mllm.train import on_rank0
+
+info = distributed_from_env()
+dist.init_process_group("gloo")
+def decide():
+    raise OSError("disk gone")
+try:
+    on_rank0(decide, info)
+except Exception as e:
+    print(f"rank {info.rank}: {type(e).__name__}: {e}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_any_error_on_rank0_reaches_every_rank(tmp_path: Path) -> None:
+    """Not only MllmError: an error rank 0 meets while deciding must not leave the other ranks
+    waiting at the broadcast forever."""
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(RANK0_FAILS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", str(script)]
+    env = {**os.environ, **CLI_ENV}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rank 0: OSError: disk gone" in result.stdout
+    assert "rank 1: MllmError: rank 0: OSError('disk gone')" in result.stdout

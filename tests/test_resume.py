@@ -145,6 +145,22 @@ def test_sigint_saves_at_once_and_exits_130(
     assert signal.getsignal(signal.SIGINT) is handler_before
 
 
+def test_a_signal_during_the_last_step_ends_as_a_finished_run(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    real_step = mllm.train.train_step
+
+    def step_then_interrupt(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.train, "train_step", step_then_interrupt)
+    result = train(config_for(data_dir, tmp_path / "run", max_steps=1))
+    assert result.exit_code == 0 and result.step == 1  # nothing left for --resume to do
+    assert ckpt.read_state(result.checkpoint)["step"] == 1
+    assert "stopped by" not in capsys.readouterr().err
+
+
 @pytest.fixture
 def short_run(data_dir: Path, tmp_path: Path) -> Path:
     """A finished 4-step run (checkpoints at 2 and 4), trained in-process."""

@@ -234,13 +234,18 @@ def on_rank0(decide: Callable[[], T], dist_info: DistributedInfo) -> T:
     if not dist_info.enabled:
         return decide()
     box: list[Any] = [None]
+    failure: Exception | None = None
     if dist_info.is_main:
         try:
             box[0] = ("ok", decide())
-        except MllmError as e:
-            box[0] = ("error", e)
+        except Exception as e:  # any error: the other ranks wait at the broadcast below
+            failure = e
+            shared = e if isinstance(e, MllmError) else MllmError(f"rank 0: {e!r}")
+            box[0] = ("error", shared)
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
+    if failure is not None:
+        raise failure
     if kind == "error":
         raise value
     return value
@@ -587,7 +592,7 @@ def run_loop(run: Run, stop: StopOnSignal) -> TrainResult:
             run.best_val_loss = val_loss  # type: ignore[assignment]
         if boundary.checkpoint or new_best or stop_agreed:
             save_checkpoint(run, val_loss, new_best)
-        if stop_agreed:
+        if stop_agreed and run.step < run.total_steps:  # at the last step the run is complete
             return stopped_by_signal(run, stop)
         tracker.start_timer()
     return TrainResult(run.step, run.last_checkpoint)
