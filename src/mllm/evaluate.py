@@ -80,13 +80,13 @@ def resolve_split(config: EvalConfig) -> EvalSplit:
             f"evaluate a .bin that `mllm pack` wrote, in its own folder"
         )
     meta = load_data_meta(path.parent)
-    names = [name for name in ("train", "val") if meta.split(name).file == path.name]
-    if not names:
+    name = next((n for n in ("train", "val") if meta.split(n).file == path.name), None)
+    if name is None:
         raise MllmError(
             f"{path.parent / DATA_JSON} does not describe {path.name} (its bins are "
             f"{meta.train.file} and {meta.val.file}): evaluate a .bin that `mllm pack` wrote"
         )
-    check_split_bin(path.parent, meta, names[0])
+    check_split_bin(path.parent, meta, name)
     return EvalSplit(str(path), path, meta)
 
 

@@ -41,10 +41,17 @@ def sum_nll(
             # The head in row chunks, as training's loss does: never the whole batch's logits
             # (8 windows of 1,024 at vocab 16,000 would be 0.5 GB in fp32).
             step = chunk_rows or rows_per_chunk(model.head_weight.shape[0])
-            for row in range(0, len(targets), step):
-                logits = F.linear(hidden[row : row + step], model.head_weight)
-                nll = F.cross_entropy(logits.float(), targets[row : row + step], reduction="none")
-                total += nll.to("cpu", torch.float64).sum().item()  # MPS has no float64
+            nll = torch.cat(
+                [
+                    F.cross_entropy(
+                        F.linear(hidden[row : row + step], model.head_weight).float(),
+                        targets[row : row + step],
+                        reduction="none",
+                    )
+                    for row in range(0, len(targets), step)
+                ]
+            )
+        total += nll.to("cpu", torch.float64).sum().item()  # one sync per batch; MPS: no float64
         count += y.numel()
     model.train(was_training)
     return total, count

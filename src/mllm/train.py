@@ -162,8 +162,13 @@ def set_up_run(config: TrainConfig, device: torch.device, dist_info: Distributed
 
     meta = load_data_meta(config.data_dir)
     check_bins(config.data_dir, meta)
-    if state is None:
-        check_tokenizer_packed_the_bins(config.data_dir, meta)
+    tokenizer_matches = tokenizer_packed_the_bins(config.data_dir, meta)
+    if state is None and tokenizer_matches is False:
+        raise MllmError(
+            f"{config.data_dir / 'tokenizer.json'} is not the tokenizer the bins in "
+            f"{config.data_dir} were packed with (did `mllm tokenize` run after `mllm pack`?): "
+            f"re-run `mllm pack --data-dir {config.data_dir}`"
+        )
     model_config = resolve_model_config(config.model, meta)
     if state is not None and resume_from is not None:
         check_same_model(model_config, state, resume_from)
@@ -222,7 +227,7 @@ def set_up_run(config: TrainConfig, device: torch.device, dist_info: Distributed
         torch.manual_seed(config.seed + dist_info.rank)  # weights are equal; dropout masks differ
 
     if dist_info.is_main:
-        write_run_files(config, meta)
+        write_run_files(config, tokenizer_matches)
         run.metrics.open(resume_step=run.step if resume_from is not None else None)
     describe_run(run, resume_from)
     return run
@@ -324,29 +329,28 @@ def restore_checkpoint(run: Run, checkpoint: Path, state: dict[str, Any]) -> Non
         ckpt.mark_best(run.run_dir, checkpoint, state["val_loss"])  # a kill may have cut it short
 
 
-def check_tokenizer_packed_the_bins(data_dir: Path, meta: DataMeta) -> None:
-    """Refuse a new run whose data dir holds another tokenizer than the bins were packed with
-    (`mllm tokenize` re-run after `mllm pack`): the run could never be sampled, since the
-    tokenizer its ids mean is gone. A missing tokenizer only warns (write_run_files)."""
+def tokenizer_packed_the_bins(data_dir: Path, meta: DataMeta) -> bool | None:
+    """Whether DATA_DIR/tokenizer.json is the one the bins were packed with (None: there is
+    none). A new run refuses False (`mllm tokenize` re-run after `mllm pack`): it could never be
+    sampled, since the tokenizer its ids mean is gone."""
     tokenizer = data_dir / "tokenizer.json"
-    if tokenizer.is_file() and sha256_file(tokenizer) != meta.tokenizer_sha256:
-        raise MllmError(
-            f"{tokenizer} is not the tokenizer the bins in {data_dir} were packed with (did "
-            f"`mllm tokenize` run after `mllm pack`?): re-run `mllm pack --data-dir {data_dir}`"
-        )
+    if not tokenizer.is_file():
+        return None
+    return sha256_file(tokenizer) == meta.tokenizer_sha256
 
 
-def write_run_files(config: TrainConfig, meta: DataMeta) -> None:
-    """config.json (the resolved config), and copies of data.json and tokenizer.json, so the run
-    dir alone is enough for eval, generate and serve."""
+def write_run_files(config: TrainConfig, tokenizer_matches: bool | None) -> None:
+    """config.json (the resolved config), and copies of data.json and tokenizer.json (when it is
+    the one the bins were packed with), so the run dir alone is enough for eval, generate and
+    serve."""
     run_dir = config.run_dir
     # Without `resume`, so the file can start a new run as --config (flags win over it).
     atomic_write_json(run_dir / ckpt.RUN_CONFIG, config.model_dump(mode="json", exclude={"resume"}))
     atomic_write_bytes(run_dir / ckpt.RUN_DATA, (config.data_dir / DATA_JSON).read_bytes())
     tokenizer = config.data_dir / "tokenizer.json"
-    if not tokenizer.is_file():
+    if tokenizer_matches is None:
         warn(f"no {tokenizer}: generate and serve will need --tokenizer")
-    elif sha256_file(tokenizer) != meta.tokenizer_sha256:  # only on --resume: see above
+    elif not tokenizer_matches:  # only on --resume: a new run refuses it
         warn(f"{tokenizer} changed since the bins were packed: the run dir's copy is kept")
     else:
         atomic_write_bytes(run_dir / ckpt.RUN_TOKENIZER, tokenizer.read_bytes())
