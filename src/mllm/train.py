@@ -99,9 +99,15 @@ def train(config: TrainConfig) -> TrainResult:
         run = set_up_run(config, device, dist_info)
         try:
             with StopOnSignal() as stop, run.display.running(run.step):
-                return run_loop(run, stop)
+                result = run_loop(run, stop)
         finally:
             run.metrics.close()
+        if dist_info.enabled:
+            # Leave together: rank 0 is still writing the last checkpoint when the others are
+            # done, and gloo aborts a process (SIGABRT, "terminate called without an active
+            # exception") whose peer tears the group down under it.
+            dist.barrier()
+        return result
     finally:
         shutdown_distributed()
 
