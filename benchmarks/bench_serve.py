@@ -36,12 +36,12 @@ from typing import Any
 import httpx
 import torch
 
-from mllm.checkpoint import find_checkpoint, model_config_of, read_state, write_checkpoint
 from mllm.config import ModelConfig, TokenizeConfig
 from mllm.data.tokenizer import EOT, load_tokenizer, train_tokenizer
 from mllm.device import decode_threads
 from mllm.fileio import sha256_file
 from mllm.model import GPT
+from mllm.train.checkpoint import find_checkpoint, model_config_of, read_state, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TEXT = [

@@ -39,16 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchlib import cpu_name, load_average
-from mllm import train as training
 from mllm.config import ModelConfig, TrainConfig
-from mllm.cpu_memory import retain_freed_memory
 from mllm.data.meta import DATA_JSON, DataMeta, SplitMeta
 from mllm.device import DTYPE_NAMES, DistributedInfo, autocast, pick_device, resolve_train_dtype
 from mllm.fileio import atomic_write_json
-from mllm.flops import measure_matmul_flops, peak_flops
 from mllm.losses import linear_cross_entropy
 from mllm.model import GPT
-from mllm.optim import build_optimizer
+from mllm.train import loop as training
+from mllm.train.cpu_memory import retain_freed_memory
+from mllm.train.flops import measure_matmul_flops, peak_flops
+from mllm.train.optim import build_optimizer
 
 BENCH_MODEL = {"context": 256, "d_model": 384, "layers": 6, "heads": 6, "dropout": 0.0}
 VOCAB_SIZE = 16_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from mllm.flops import machine_name
+from mllm.train.flops import machine_name
 
 
 def load_average() -> float | None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mllm import checkpoint as ckpt
 from mllm.config import ModelConfig
 from mllm.fileio import atomic_write_json, sha256_file
 from mllm.model import GPT
+from mllm.train import checkpoint as ckpt
 
 EOT = "<|endoftext|>"
 

@@ -17,11 +17,11 @@ import httpx
 import torch
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 
-from mllm.checkpoint import write_checkpoint
 from mllm.config import ModelConfig
 from mllm.data.tokenizer import EOT, load_tokenizer, new_byte_level_bpe
 from mllm.fileio import sha256_file
 from mllm.model import GPT
+from mllm.train.checkpoint import write_checkpoint
 
 TEXT = """Once upon a time there was a little fox who lived in the woods near a river.
 Every morning the fox ran to the water to drink, and every evening it ran home again.

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllm import checkpoint as ckpt
 from mllm.config import ModelConfig
 from mllm.errors import MllmError
 from mllm.model import GPT
+from mllm.train import checkpoint as ckpt
 
 
 def tiny_model() -> GPT:

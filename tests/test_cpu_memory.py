@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from mllm.cpu_memory import retain_freed_memory
+from mllm.train.cpu_memory import retain_freed_memory
 
 # Allocates and frees a training-step-like set of blocks (1-40 MB) round after round and prints
 # the page faults of each of the last seven rounds (the first ones settle the heap), after calling
@@ -18,7 +18,7 @@ from mllm.cpu_memory import retain_freed_memory
 ROUNDS_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from mllm.cpu_memory import retain_freed_memory
+    from mllm.train.cpu_memory import retain_freed_memory
     if sys.argv[1] == "1":
         assert retain_freed_memory()
     def one_round():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mllm import checkpoint as ckpt
+from mllm.train import checkpoint as ckpt
 from mllm.train import train
 from train_fixtures import (  # one_torch_thread: an autouse fixture
     CLI_ENV,
@@ -70,7 +70,7 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
 RANK0_FAILS = """
 import torch.distributed as dist
 from mllm.device import distributed_from_env
-from mllm.train import on_rank0
+from mllm.train.loop import on_rank0
 
 info = distributed_from_env()
 dist.init_process_group("gloo")

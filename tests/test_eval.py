@@ -19,12 +19,12 @@ from helpers_runs import (
     write_data_dir,
     write_tiny_run,
 )
-from mllm.checkpoint import load_checkpoint
 from mllm.cli import app
 from mllm.config import EvalConfig
 from mllm.errors import MllmError
 from mllm.evaluate import check_same_tokenizer, evaluate, resolve_split, window_plan
 from mllm.textstream import byte_level_alphabet
+from mllm.train.checkpoint import load_checkpoint
 
 
 def invoke(*args: object):

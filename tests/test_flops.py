@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllm import flops
+from mllm.train import flops
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from helpers_runs import (
     train_tiny_tokenizer,
     write_tiny_run,
 )
-from mllm.checkpoint import load_checkpoint
 from mllm.cli import app
 from mllm.config import ModelConfig
 from mllm.device import decode_threads
@@ -34,6 +33,7 @@ from mllm.generate import (
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
 from mllm.textstream import TextStream, token_byte_table
+from mllm.train.checkpoint import load_checkpoint
 
 GREEDY = SamplingParams(temperature=0)
 

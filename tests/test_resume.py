@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mllm.train
-from mllm import checkpoint as ckpt
+import mllm.train.loop
 from mllm.config import TrainConfig
 from mllm.errors import MllmError, UsageError
+from mllm.train import checkpoint as ckpt
 from mllm.train import train
 from train_fixtures import (  # one_torch_thread: an autouse fixture
     CLI_ENV,
@@ -135,7 +135,7 @@ def test_sigint_saves_at_once_and_exits_130(
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(mllm.train, "train_step", step_then_interrupt)
+    monkeypatch.setattr(mllm.train.loop, "train_step", step_then_interrupt)
     handler_before = signal.getsignal(signal.SIGINT)
     result = train(config_for(data_dir, tmp_path / "run", max_steps=1000))
     assert result.exit_code == 130 and result.step == 3 and len(calls) == 3
@@ -154,7 +154,7 @@ def test_a_signal_during_the_last_step_ends_as_a_finished_run(
         os.kill(os.getpid(), signal.SIGINT)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(mllm.train, "train_step", step_then_interrupt)
+    monkeypatch.setattr(mllm.train.loop, "train_step", step_then_interrupt)
     result = train(config_for(data_dir, tmp_path / "run", max_steps=1))
     assert result.exit_code == 0 and result.step == 1  # nothing left for --resume to do
     assert ckpt.read_state(result.checkpoint)["step"] == 1

@@ -499,7 +499,7 @@ def test_fastapi_validation_errors_become_400_in_the_api_shape() -> None:
     but any that did would answer 400 in the API's shape, not FastAPI's 422."""
     from fastapi.testclient import TestClient
 
-    from mllm.serve import ServedModel, create_app
+    from mllm.serve.app import ServedModel, create_app
 
     served = ServedModel(
         name=MODEL, created=0, context=CONTEXT, vocab_size=10, tokenizer=None, engine=None
@@ -521,15 +521,15 @@ def test_a_full_waiting_queue_is_503_with_retry_after(run_dir: Path) -> None:
     The engine is not started here, so what waits stays waiting."""
     from fastapi.testclient import TestClient
 
-    from mllm.checkpoint import find_checkpoint
     from mllm.config import ServeConfig
-    from mllm.engine import Sequence
     from mllm.sampling import SamplingParams
-    from mllm.serve import create_app, load_served_model
+    from mllm.serve.app import create_app, load_served_model
+    from mllm.serve.engine import Completion
+    from mllm.train.checkpoint import find_checkpoint
 
     config = ServeConfig(run_dir=run_dir, max_waiting=1)
     served = load_served_model(config, find_checkpoint(run_dir, None))
-    served.engine.submit([Sequence([1, 2], 4, SamplingParams(0.0), lambda event: None)])
+    served.engine.submit([Completion([1, 2], 4, SamplingParams(0.0), lambda event: None)])
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4}
     with TestClient(create_app(served)) as test_client:
         response = test_client.post("/v1/completions", json=body)

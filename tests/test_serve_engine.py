@@ -12,9 +12,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from mllm.engine import Engine, Event, Failed, Finished, QueueFull, Sequence, TextDelta
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
+from mllm.serve.engine import Completion, Engine, Event, Failed, Finished, QueueFull, TextDelta
 from mllm.textstream import TextStream, token_byte_table
 from serve_helpers import EOT, tiny_model, train_tiny_tokenizer
 
@@ -77,13 +77,13 @@ def sequence(
     max_tokens: int = 12,
     params: SamplingParams = GREEDY,
     **kwargs,
-) -> tuple[Sequence, Outcome]:
+) -> tuple[Completion, Outcome]:
     outcome = Outcome()
     ids = tokenizer.encode(prompt).ids
-    return Sequence(ids, max_tokens, params, outcome.record, **kwargs), outcome
+    return Completion(ids, max_tokens, params, outcome.record, **kwargs), outcome
 
 
-def run(engine: Engine, pairs: list[tuple[Sequence, Outcome]]) -> list[Outcome]:
+def run(engine: Engine, pairs: list[tuple[Completion, Outcome]]) -> list[Outcome]:
     engine.submit([seq for seq, _ in pairs])
     for _, outcome in pairs:
         assert outcome.done.wait(30), "sequence did not finish"

@@ -13,15 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mllm import checkpoint as ckpt
 from mllm.cliargs import build_config
 from mllm.config import TrainConfig
 from mllm.data.loader import TokenWindows
 from mllm.errors import MllmError, UsageError
-from mllm.metrics import MetricsLog, read_records
-from mllm.optim import lr_at
-from mllm.train import total_steps_for, train
-from mllm.trainstate import WindowStream, merge_resume_config, rank_micro_starts
+from mllm.train import checkpoint as ckpt
+from mllm.train.loop import total_steps_for, train
+from mllm.train.metrics import MetricsLog, read_records
+from mllm.train.optim import lr_at
+from mllm.train.resume import WindowStream, merge_resume_config, rank_micro_starts
 from train_fixtures import (  # one_torch_thread: an autouse fixture
     CLI_ENV,
     VOCAB,

@@ -144,10 +144,10 @@ def bits_per_byte(total_nats: float, n_bytes: int) -> float | None:
 def evaluate(config: EvalConfig) -> EvalResult:
     """Score the checkpoint on the split; the core of `mllm eval`."""
     from mllm import console
-    from mllm.checkpoint import find_checkpoint, load_checkpoint, load_run_tokenizer
     from mllm.device import DTYPE_NAMES, pick_device, resolve_eval_dtype
     from mllm.scoring import sum_nll
     from mllm.textstream import token_byte_table
+    from mllm.train.checkpoint import find_checkpoint, load_checkpoint, load_run_tokenizer
 
     checkpoint = find_checkpoint(config.run_dir, config.checkpoint)
     split = resolve_split(config)

@@ -254,9 +254,9 @@ def timed(ids: Iterator[int], timing: SampleTiming) -> Iterator[int]:
 def run_generate(config: GenerateConfig) -> None:
     """The `mllm generate` command: load the checkpoint and tokenizer, stream each sample."""
     from mllm import console
-    from mllm.checkpoint import find_checkpoint, load_checkpoint, load_run_tokenizer
     from mllm.device import DTYPE_NAMES, decode_threads, pick_device, resolve_decode_dtype
     from mllm.textstream import TextStream, token_byte_table
+    from mllm.train.checkpoint import find_checkpoint, load_checkpoint, load_run_tokenizer
 
     device = pick_device(config.device)
     dtype = resolve_decode_dtype(config.dtype, device)

@@ -34,10 +34,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from mllm.config import ServeConfig
-from mllm.engine import Engine, Event, Failed, Finished, QueueFull, Sequence, TextDelta
 from mllm.errors import MllmError, UsageError
 from mllm.sampling import SamplingParams
-from mllm.serve_schema import (
+from mllm.serve.engine import Completion, Engine, Event, Failed, Finished, QueueFull, TextDelta
+from mllm.serve.schema import (
     DEFAULT_MAX_TOKENS,
     MAX_CHOICES,
     ApiError,
@@ -160,7 +160,7 @@ class CompletionJob:
     """The sequences of one request (prompt-major: choice index = prompt * n + j) and the queue
     their events arrive on, as (choice index, event)."""
 
-    sequences: list[Sequence]
+    sequences: list[Completion]
     queue: asyncio.Queue[Any]
     prompt_tokens: int
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
@@ -174,7 +174,7 @@ class CompletionJob:
 def build_job(
     request: CompletionRequest, prompts: list[list[int]], budgets: list[int]
 ) -> CompletionJob:
-    """One engine Sequence per choice; a seeded request seeds choice i with seed + i."""
+    """One engine Completion per choice; a seeded request seeds choice i with seed + i."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -193,7 +193,7 @@ def build_job(
         for _ in range(request.choices_per_prompt):
             i = next(index)
             sequences.append(
-                Sequence(
+                Completion(
                     prompt_ids=prompt_ids,
                     max_tokens=budget,
                     params=params,
@@ -501,9 +501,9 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
     (`run_server` starts it)."""
     import torch
 
-    from mllm.checkpoint import load_checkpoint, load_run_tokenizer, run_dir_of
     from mllm.device import decode_threads, pick_device, resolve_decode_dtype
     from mllm.textstream import token_byte_table
+    from mllm.train.checkpoint import load_checkpoint, load_run_tokenizer, run_dir_of
 
     device = pick_device(config.device)
     dtype = resolve_decode_dtype(config.dtype, device)
@@ -543,8 +543,8 @@ def run_server(config: ServeConfig) -> None:
         raise MllmError("serving needs FastAPI and uvicorn: pip install 'mllm[serve]'") from None
     from rich.markup import escape
 
-    from mllm.checkpoint import find_checkpoint
     from mllm.console import essential, is_quiet
+    from mllm.train.checkpoint import find_checkpoint
 
     checkpoint = find_checkpoint(config.run_dir, config.checkpoint)
     sock = listen_socket(config.host, config.port)

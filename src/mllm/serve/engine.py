@@ -1,6 +1,6 @@
 """Continuous batching: one thread decodes every running sequence together, one token per step.
 
-`mllm serve` turns each completion choice into a `Sequence` and `submit`s it. The engine's thread
+`mllm serve` turns each completion choice into a `Completion` and `submit`s it. The engine's thread
 loops:
 
 1. admit waiting sequences while there are free rows: each is prefilled alone (batch 1) straight
@@ -27,8 +27,7 @@ import copy
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable
-from collections.abc import Sequence as Seq
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +63,7 @@ Event = TextDelta | Finished | Failed
 
 
 @dataclass(eq=False)
-class Sequence:
+class Completion:
     """One completion to generate (one choice of one prompt)."""
 
     prompt_ids: list[int]
@@ -85,7 +84,7 @@ class Sequence:
 class Row:
     """A running sequence and its place in the cache."""
 
-    sequence: Sequence
+    sequence: Completion
     text: TextStream
     generator: torch.Generator | None
     length: int  # tokens already in this row's cache
@@ -116,7 +115,7 @@ class Engine:
     def __init__(
         self,
         model: GPT,
-        token_bytes: Seq[bytes],
+        token_bytes: Sequence[bytes],
         eot_id: int | None,
         max_batch_size: int,
         max_waiting: int | None = None,
@@ -134,7 +133,7 @@ class Engine:
         self.token_bytes = list(token_bytes) + [b""] * max(0, vocab - len(token_bytes))
         self.stats = EngineStats()
         self._rows: list[Row] = []
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: deque[Completion] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mllm-decode", daemon=True)
@@ -152,7 +151,7 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
-    def submit(self, sequences: Seq[Sequence]) -> None:
+    def submit(self, sequences: Sequence[Completion]) -> None:
         """Queue sequences for decoding (they start as rows free up, in order). Raises QueueFull
         when `max_waiting` sequences already wait: an overloaded server then refuses new work at
         once instead of queueing it without bound (a request is taken whole or not at all, so
@@ -183,16 +182,16 @@ class Engine:
                     self._rows.clear()
                     self.stats.running = 0
 
-    def _wait_for_work(self) -> list[Sequence] | None:
+    def _wait_for_work(self) -> list[Completion] | None:
         """Sleep until there is something to do; the sequences to admit now (None: stop)."""
         with self._wakeup:
             while not (self._stopping or self._waiting or self._rows):
                 self._wakeup.wait()
             return None if self._stopping else self._take_waiting()
 
-    def _take_waiting(self) -> list[Sequence]:
+    def _take_waiting(self) -> list[Completion]:
         free = self.max_batch_size - len(self._rows)
-        admitted: list[Sequence] = []
+        admitted: list[Completion] = []
         while self._waiting and len(admitted) < free:
             sequence = self._waiting.popleft()
             if sequence.cancelled:
@@ -210,7 +209,7 @@ class Engine:
                 row.finished = True
                 self._send(row.sequence, Failed(message))
 
-    def _admit(self, sequences: list[Sequence]) -> None:
+    def _admit(self, sequences: list[Completion]) -> None:
         """Prefill each new sequence into the next free row and take its first token."""
         shared: tuple[object, int, torch.Tensor] | None = None  # (prompt key, slot, logits)
         for sequence in sequences:
@@ -284,7 +283,7 @@ class Engine:
         self.stats.sequences_finished += 1
         self._send(row.sequence, Finished(reason, row.generated))
 
-    def _send(self, sequence: Sequence, event: Event) -> None:
+    def _send(self, sequence: Completion, event: Event) -> None:
         if sequence.cancelled:
             return
         try:
@@ -324,7 +323,7 @@ class Engine:
             for layer in tensors:
                 layer[target, :, :length] = layer[source, :, :length]
 
-    def _generator_for(self, sequence: Sequence) -> torch.Generator | None:
+    def _generator_for(self, sequence: Completion) -> torch.Generator | None:
         """The row's own random stream: the request's seed, else a fresh random one."""
         if sequence.params.temperature == 0:
             return None

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from mllm import checkpoint as ckpt
 from mllm.config import ModelConfig, TrainConfig
 from mllm.data.loader import TokenWindows
 from mllm.data.meta import DataMeta
 from mllm.errors import MllmError, UsageError
+from mllm.train import checkpoint as ckpt
 
 
 class WindowStream:

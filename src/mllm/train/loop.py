@@ -35,10 +35,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mllm import __version__
-from mllm import checkpoint as ckpt
 from mllm.config import ModelConfig, TrainConfig
 from mllm.console import err_console, info, set_quiet, warn
-from mllm.cpu_memory import retain_freed_memory
 from mllm.data.loader import TokenWindows
 from mllm.data.meta import DATA_JSON, DataMeta, check_bins, load_data_meta
 from mllm.device import (
@@ -54,12 +52,14 @@ from mllm.device import (
 )
 from mllm.errors import MllmError, UsageError
 from mllm.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from mllm.flops import peak_flops
-from mllm.metrics import MetricsLog, TrainDisplay, plot_losses
 from mllm.model import GPT
-from mllm.optim import build_optimizer, lr_at, set_hyperparameters
 from mllm.scoring import sum_nll
-from mllm.trainstate import (
+from mllm.train import checkpoint as ckpt
+from mllm.train.cpu_memory import retain_freed_memory
+from mllm.train.flops import peak_flops
+from mllm.train.metrics import MetricsLog, TrainDisplay, plot_losses
+from mllm.train.optim import build_optimizer, lr_at, set_hyperparameters
+from mllm.train.resume import (
     WindowStream,
     capture_rng_state,
     check_same_data,
