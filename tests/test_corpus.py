@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mllm.cliargs import build_config
+from mllm.cliargs import parse_config
 from mllm.config import CorpusConfig
 from mllm.data.corpus import (
     SeenHashes,
@@ -195,7 +195,8 @@ def test_added_source_with_a_named_weight(tmp_path: Path, three_sources: list[st
 def test_ratio_from_a_config_file(tmp_path: Path, three_sources: list[str]) -> None:
     config_file = tmp_path / "corpus.yaml"
     config_file.write_text('ratio: "1:1:8"\nmax-lines: 100\n')
-    config = build_config(CorpusConfig, {("source",): three_sources}, config_file)
+    sources = [word for source in three_sources for word in ("--source", source)]
+    config = parse_config(CorpusConfig, [*sources, "--config", str(config_file)])
     build_corpus(config.model_copy(update={"data_dir": tmp_path / "data"}))
     tags = _tags(_lines(tmp_path / "data" / "corpus.txt"))
     assert (tags.count("alpha"), tags.count("beta"), tags.count("gamma")) == (10, 10, 80)
@@ -203,7 +204,7 @@ def test_ratio_from_a_config_file(tmp_path: Path, three_sources: list[str]) -> N
     with pytest.raises(
         UsageError, match=re.escape('--ratio: give it as a quoted string, e.g. ratio: "4:4:2"')
     ):
-        build_config(CorpusConfig, {}, config_file)
+        parse_config(CorpusConfig, ["--config", str(config_file)])
 
 
 def test_shared_data_extra_corpus(tmp_path: Path, shared_data_extra: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mllm.cliargs import build_config
+from mllm.cliargs import parse_config
 from mllm.config import TrainConfig
 from mllm.data.loader import TokenWindows
 from mllm.errors import MllmError, UsageError
@@ -210,8 +210,9 @@ def test_a_resumed_runs_config_json_starts_a_new_run(data_dir: Path, tmp_path: P
     train(config_for(data_dir, run_dir, max_steps=2, resume=True))
     saved = json.loads((run_dir / "config.json").read_text())
     assert "resume" not in saved
-    other = build_config(
-        TrainConfig, {("run_dir",): str(tmp_path / "other")}, run_dir / "config.json"
+    other = parse_config(
+        TrainConfig,
+        ["--run-dir", str(tmp_path / "other"), "--config", str(run_dir / "config.json")],
     )
     assert train(other).step == 2
 
@@ -288,15 +289,15 @@ def test_metrics_log_drops_records_after_the_resume_step(tmp_path: Path) -> None
 
 def test_resume_config_keeps_the_saved_run_and_takes_explicit_options(tmp_path: Path) -> None:
     saved = config_for(tmp_path / "d", tmp_path / "r", max_steps=30, lr=0.01, min_lr=0.001)
-    given_ = build_config(
-        TrainConfig, {("resume",): True, ("run_dir",): tmp_path / "r", ("max_tokens",): 10_000}
+    given_ = parse_config(
+        TrainConfig, ["--resume", "--run-dir", str(tmp_path / "r"), "--max-tokens", "10000"]
     )
     merged = merge_resume_config(given_, saved.model_dump(mode="json"))
     assert merged.model.d_model == 32 and merged.lr == 0.01 and merged.resume
     assert merged.max_tokens == 10_000 and merged.max_steps is None
     with pytest.raises(UsageError, match="--min-lr"):
         merge_resume_config(
-            build_config(TrainConfig, {("resume",): True, ("lr",): 1e-4}),
+            parse_config(TrainConfig, ["--resume", "--lr", "1e-4"]),
             saved.model_dump(mode="json"),
         )
 

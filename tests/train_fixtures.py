@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllm.cliargs import build_config, flag_specs
+from mllm.cliargs import parse_config
 from mllm.config import TrainConfig
 from mllm.data.meta import DataMeta, SplitMeta
 from mllm.fileio import sha256_file
@@ -115,18 +115,7 @@ def tiny_flags(data_dir: Path, run_dir: Path, **overrides: object) -> list[str]:
 def config_from_flags(flags: list[str | Path]) -> TrainConfig:
     """The TrainConfig the CLI builds from `flags` (in-process tests skip a subprocess's start-up);
     only the flags given count as explicitly set, as on the command line."""
-    specs = {spec.flag: spec for spec in flag_specs(TrainConfig)}
-    values: dict[tuple[str, ...], object] = {}
-    words = [str(word) for word in flags]
-    while words:
-        flag = words.pop(0)
-        if flag.startswith("--no-"):
-            values[specs["--" + flag[5:]].path] = False
-        elif specs[flag].annotation is bool:
-            values[specs[flag].path] = True
-        else:
-            values[specs[flag].path] = words.pop(0)
-    return build_config(TrainConfig, values)
+    return parse_config(TrainConfig, [str(word) for word in flags])
 
 
 def config_for(data_dir: Path, run_dir: Path, **overrides: object) -> TrainConfig:

@@ -10,13 +10,8 @@ import sys
 
 import typer
 
-try:  # typer >= 0.22 vendors its own click; older releases use the click package
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import exceptions as click_exceptions
-
 from mllm import __version__
-from mllm.cliargs import config_command
+from mllm.cliargs import CLICK_USAGE_ERROR, config_command
 from mllm.config import (
     CorpusConfig,
     EvalConfig,
@@ -114,12 +109,13 @@ def main() -> None:
     """Console-script entry point: a usage error is one line on stderr and exit code 2."""
     try:
         code = app(standalone_mode=False)
-    except click_exceptions.NoArgsIsHelpError as e:
-        typer.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
-        code = 2
-    except click_exceptions.UsageError as e:
-        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-        typer.echo(f"error: {e.format_message()}{hint}", err=True)
+    except CLICK_USAGE_ERROR as e:  # click's UsageError, vendored by typer or not
+        ctx: typer.Context | None = getattr(e, "ctx", None)
+        if any(cls.__name__ == "NoArgsIsHelpError" for cls in type(e).__mro__):  # click >= 8.2
+            typer.echo(ctx.get_help() if ctx else str(e), err=True)
+        else:
+            hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+            typer.echo(f"error: {e.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
         code = 2
     except typer.Abort:
         typer.echo("interrupted", err=True)

@@ -5,6 +5,9 @@ description as help and its default shown; booleans get `--x/--no-x`. Values com
 priority, from the field defaults, `--config FILE` (YAML or TOML), then the flags actually given.
 The merged dict is validated by the config class; a validation error exits with code 2 and one
 line naming the flag. Core functions then receive a checked config and never see the CLI.
+
+`config_command` registers a command on the app; `parse_config` turns an argv list into the
+config that command would build, through the same flags (tests use it instead of the CLI).
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ from mllm.console import set_quiet
 from mllm.errors import MllmError, UsageError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+# Flags every command has besides its config's (typer adds --help).
+_BUILT_IN_FLAGS = ("--config", "--quiet", "-q", "--debug", "--help")
+_BUILT_IN_PARAMS = ("config_file", "quiet", "debug")
+
+# click's UsageError as the installed typer raises it, reached through the public
+# typer.BadParameter (a UsageError subclass) rather than a private module: typer >= 0.22 vendors
+# its own copy of click, older releases re-export the click package's classes; the two differ.
+CLICK_USAGE_ERROR: type[Exception] = next(
+    cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError"
+)
 
 
 @dataclass(frozen=True)
@@ -177,7 +191,7 @@ def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None
     target[path[-1]] = value
 
 
-def build_config(
+def _build_config(
     config_cls: type[ConfigT],
     flag_values: dict[tuple[str, ...], Any],
     config_file: Path | None = None,
@@ -231,6 +245,101 @@ def report_error_and_exit(error: BaseException, debug: bool) -> typing.NoReturn:
     raise typer.Exit(1)
 
 
+def _command_specs(config_cls: type[BaseModel], positional: tuple[str, ...]) -> list[FlagSpec]:
+    """`flag_specs(config_cls)`, refusing two fields that would share a flag (or a parameter
+    name), or a field whose flag is one every command already has."""
+    flags: dict[str, str] = {flag: "the built-in option" for flag in _BUILT_IN_FLAGS}
+    params: dict[str, str] = {name: "a built-in option" for name in _BUILT_IN_PARAMS}
+    specs = flag_specs(config_cls)
+    for spec in specs:
+        field = ".".join(spec.path)
+        names = [] if spec.path[-1] in positional else [spec.flag]  # an argument has no flag
+        if names and _strip_optional(spec.annotation) is bool:
+            names.append("--no-" + spec.flag.removeprefix("--"))
+        for flag in names:
+            if flag in flags:
+                raise ValueError(
+                    f"{config_cls.__name__}: flag {flag} of field {field} clashes with "
+                    f"{flags[flag]}"
+                )
+            flags[flag] = f"field {field}"
+        if spec.param_name in params:
+            raise ValueError(
+                f"{config_cls.__name__}: field {field} and {params[spec.param_name]} both take "
+                f"the parameter name {spec.param_name!r}"
+            )
+        params[spec.param_name] = f"field {field}"
+    return specs
+
+
+def _command_parameters(specs: list[FlagSpec], positional: tuple[str, ...]) -> inspect.Signature:
+    """The signature typer reads a command's options from: one parameter per field, then
+    `--config FILE`, `--quiet/-q` and `--debug`."""
+    params = [_typer_parameter(s, s.path[-1] in positional) for s in specs]
+    params.sort(key=lambda p: 0 if p.name in positional else 1)
+    params += [
+        inspect.Parameter(
+            "config_file",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                typing.Optional[Path],  # noqa: UP045
+                typer.Option("--config", help="YAML or TOML file of options; flags win."),
+            ],
+        ),
+        inspect.Parameter(
+            "quiet",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option("--quiet", "-q", help="No progress bars or info lines.", metavar=""),
+            ],
+        ),
+        inspect.Parameter(
+            "debug",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool, typer.Option("--debug", help="Show tracebacks.", metavar="")
+            ],
+        ),
+    ]
+    return inspect.Signature(params)
+
+
+def _add_command(
+    app: typer.Typer,
+    config_cls: type[ConfigT],
+    *,
+    name: str | None,
+    positional: tuple[str, ...],
+    help: str | None,
+    run: Callable[[Callable[[], ConfigT], bool, bool], None],
+    fn_name: str = "command",
+) -> None:
+    """Register on `app` a command with one flag per field of `config_cls` (refusing clashes);
+    when invoked it calls `run(make_config, quiet, debug)`, where `make_config()` merges the
+    defaults, the --config file and the flags given, and validates (or raises UsageError)."""
+    specs = _command_specs(config_cls, positional)
+
+    def command(**kwargs: Any) -> None:
+        debug = bool(kwargs.pop("debug"))
+        quiet = bool(kwargs.pop("quiet"))
+        config_file = kwargs.pop("config_file")
+        flag_values = {
+            spec.path: kwargs[spec.param_name]
+            for spec in specs
+            if kwargs.get(spec.param_name) is not None
+        }
+        run(lambda: _build_config(config_cls, flag_values, config_file, positional), quiet, debug)
+
+    command.__signature__ = _command_parameters(specs, positional)  # type: ignore[attr-defined]
+    command.__name__ = fn_name
+    command.__doc__ = help
+    app.command(name=name)(command)
+
+
 def config_command(
     app: typer.Typer,
     config_cls: type[ConfigT],
@@ -242,56 +351,16 @@ def config_command(
     """Register `fn(config)` as command `name`, with one flag per field of `config_cls`.
 
     `positional` names fields taken as positional arguments (e.g. generate's prompt).
-    Adds `--config FILE`, `--quiet/-q` and `--debug` to every command.
+    Adds `--config FILE`, `--quiet/-q` and `--debug` to every command. Raises ValueError if two
+    fields (nested models flattened) map to the same flag, or a field to a built-in one.
     """
-    specs = flag_specs(config_cls)
+    _command_specs(config_cls, positional)  # refuse clashes now, before any decorating
 
     def decorate(fn: Callable[[ConfigT], Any]) -> Callable[[ConfigT], Any]:
-        params = [_typer_parameter(s, s.path[-1] in positional) for s in specs]
-        params.sort(key=lambda p: 0 if p.name in positional else 1)
-        params += [
-            inspect.Parameter(
-                "config_file",
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
-                annotation=Annotated[
-                    typing.Optional[Path],  # noqa: UP045
-                    typer.Option("--config", help="YAML or TOML file of options; flags win."),
-                ],
-            ),
-            inspect.Parameter(
-                "quiet",
-                inspect.Parameter.KEYWORD_ONLY,
-                default=False,
-                annotation=Annotated[
-                    bool,
-                    typer.Option(
-                        "--quiet", "-q", help="No progress bars or info lines.", metavar=""
-                    ),
-                ],
-            ),
-            inspect.Parameter(
-                "debug",
-                inspect.Parameter.KEYWORD_ONLY,
-                default=False,
-                annotation=Annotated[
-                    bool, typer.Option("--debug", help="Show tracebacks.", metavar="")
-                ],
-            ),
-        ]
-
-        def command(**kwargs: Any) -> None:
-            debug = bool(kwargs.pop("debug"))
-            set_quiet(bool(kwargs.pop("quiet")))
-            config_file = kwargs.pop("config_file")
-            flag_values = {
-                spec.path: kwargs[spec.param_name]
-                for spec in specs
-                if kwargs.get(spec.param_name) is not None
-            }
+        def run(make_config: Callable[[], ConfigT], quiet: bool, debug: bool) -> None:
+            set_quiet(quiet)
             try:
-                config = build_config(config_cls, flag_values, config_file, positional)
-                fn(config)
+                fn(make_config())
             except (MllmError, KeyboardInterrupt) as e:
                 report_error_and_exit(e, debug)
             except typer.Exit:
@@ -302,10 +371,43 @@ def config_command(
             except Exception as e:
                 report_error_and_exit(e, debug)
 
-        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        command.__name__ = fn.__name__
-        command.__doc__ = help or fn.__doc__
-        app.command(name=name)(command)
+        _add_command(
+            app,
+            config_cls,
+            name=name,
+            positional=positional,
+            help=help or fn.__doc__,
+            run=run,
+            fn_name=fn.__name__,
+        )
         return functools.wraps(fn)(fn)
 
     return decorate
+
+
+def parse_config(
+    config_cls: type[ConfigT], argv: list[str], *, positional: tuple[str, ...] = ()
+) -> ConfigT:
+    """The config a command built by `config_command(app, config_cls, positional=...)` would get
+    from `argv` (its arguments after the command name), e.g. `["--context", "16", "--no-compile"]`
+    or `["--config", "train.yaml"]`: the same flags, parsing, merging and validation. Only the
+    options given count as explicitly set. Any bad argument raises mllm's UsageError (one line);
+    `--quiet` and `--debug` are accepted and ignored.
+    """
+    configs: list[ConfigT] = []
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    _add_command(
+        app,
+        config_cls,
+        name=None,
+        positional=positional,
+        help=None,
+        run=lambda make_config, quiet, debug: configs.append(make_config()),
+    )
+    try:
+        app(list(argv), prog_name="mllm", standalone_mode=False)
+    except CLICK_USAGE_ERROR as e:
+        raise UsageError(e.format_message()) from None  # type: ignore[attr-defined]
+    if not configs:  # e.g. --help, which prints the help and returns
+        raise UsageError(f"no config was built from {argv!r}")
+    return configs[0]
