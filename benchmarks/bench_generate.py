@@ -27,14 +27,9 @@ import torch
 
 from benchlib import cpu_name, load_average
 from mllm.config import ModelConfig
+from mllm.decode import Decoder, prepare_for_decoding
 from mllm.device import DTYPE_NAMES, DTYPES, decode_threads, resolve_decode_dtype
-from mllm.generate import (
-    Decoder,
-    SampleTiming,
-    generate_ids,
-    prepare_for_decoding,
-    timed,
-)
+from mllm.generate import SampleTiming, generate_ids, timed
 from mllm.model import GPT
 from mllm.sampling import SamplingParams, sample_next
 

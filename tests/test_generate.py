@@ -21,15 +21,9 @@ from helpers_runs import (
 )
 from mllm.cli import app
 from mllm.config import ModelConfig
+from mllm.decode import Decoder, onednn_bf16_linear, prepare_for_decoding
 from mllm.device import decode_threads
-from mllm.generate import (
-    Decoder,
-    fit_prompt,
-    generate_ids,
-    onednn_bf16_linear,
-    prepare_for_decoding,
-    slide_keep,
-)
+from mllm.generate import fit_prompt, generate_ids, slide_keep
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
 from mllm.textstream import TextStream, token_byte_table
@@ -85,10 +79,10 @@ def test_each_cached_step_gives_the_full_forward_logits() -> None:
         full = model(ids)
     decoder = Decoder(model, batch_size=2)
     logits = [decoder.prefill(ids[:, :3])]
-    logits += [decoder.step(ids[:, position]) for position in range(3, 16)]
+    logits += [decoder.step(ids[:, position], position) for position in range(3, 16)]
     torch.testing.assert_close(torch.stack(logits[:-1], 1), full[:, 2:15], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cache is full"):
-        decoder.step(ids[:, 0])
+        decoder.step(ids[:, 0], 16)
 
 
 def test_decoding_layout_changes_memory_order_not_values() -> None:
@@ -114,7 +108,7 @@ def test_bf16_decoding_matches_the_full_forward() -> None:
     decoder = Decoder(model)
     assert decoder.cache.keys[0].dtype == torch.float32
     logits = [decoder.prefill(ids[:, :4])]
-    logits += [decoder.step(ids[:, position]) for position in range(4, 16)]
+    logits += [decoder.step(ids[:, position], position) for position in range(4, 16)]
     with torch.no_grad():
         full = model(ids)[:, 3:].float()
     torch.testing.assert_close(torch.stack(logits, 1).float(), full, rtol=0.05, atol=0.05)

@@ -204,25 +204,16 @@ def test_cancelled_sequence_frees_its_row(engine_factory, tokenizer) -> None:
     assert engine.stats.sequences_cancelled == 1
 
 
-class FailOnce(torch.nn.Module):
-    """Wraps a model so that its next batched decode step raises."""
-
-    def __init__(self, model: GPT) -> None:
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-        self.token_embedding = model.token_embedding
-        self.armed = True
-
-    def forward(self, idx, start_pos=0, cache=None, last_only=False):
-        if self.armed and not isinstance(start_pos, int):
-            self.armed = False
-            raise RuntimeError("simulated out of memory")
-        return self.inner(idx, start_pos, cache, last_only)
-
-
 def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(model, tokenizer) -> None:
-    engine = Engine(FailOnce(model), token_byte_table(tokenizer), None, 2)
+    engine = Engine(model, token_byte_table(tokenizer), None, 2)
+    real_step, armed = engine.decoder.step, [True]
+
+    def fail_once(tokens: torch.Tensor, positions: int | torch.Tensor) -> torch.Tensor:
+        if armed.pop() if armed else False:
+            raise RuntimeError("simulated out of memory")
+        return real_step(tokens, positions)
+
+    engine.decoder.step = fail_once  # type: ignore[method-assign]
     engine.start()
     try:
         [failed] = run(engine, [sequence(tokenizer, PROMPTS[0], 5)])

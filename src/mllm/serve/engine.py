@@ -6,8 +6,9 @@ loops:
 1. admit waiting sequences while there are free rows: each is prefilled alone (batch 1) straight
    into its row of one shared, preallocated KV cache (sequences with the same prompt, such as the
    `n` choices of one request, share a single prefill), and its first token is sampled;
-2. decode one token for all running rows at once: rows hold prompts of different lengths, so each
-   row passes its own position (`GPT.forward` with a per-row `start_pos`);
+2. decode one token for all running rows at once, through the same `Decoder` (mllm.decode) that
+   `mllm generate` uses: rows hold prompts of different lengths, so each row passes its own
+   position (one int when they all agree, as at one client, which is generate's exact path);
 3. hand each row's token to its `TextStream` (complete UTF-8 only, stop strings held back), send
    the text that is ready, and retire rows that finished (end-of-text token, stop string,
    max_tokens) or whose client went away (`cancel`).
@@ -23,7 +24,6 @@ whatever else is in the batch. Events go back through the `emit` callback each s
 
 from __future__ import annotations
 
-import copy
 import secrets
 import threading
 from collections import deque
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mllm.model import GPT, KVCache
+from mllm.decode import Decoder
+from mllm.model import GPT
 from mllm.sampling import SamplingParams, sample_next
 from mllm.textstream import TextStream
 
@@ -125,9 +126,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting  # None: no limit
         self.context = model.config.context
-        param = next(model.parameters())
-        self.device = param.device
-        self.cache = KVCache(model.config, max_batch_size, device=self.device, dtype=param.dtype)
+        self.decoder = Decoder(model, max_batch_size)
+        self.device = self.decoder.device
         # Every id the model can produce maps to bytes (ids past the tokenizer's vocab: none).
         vocab = model.token_embedding.num_embeddings
         self.token_bytes = list(token_bytes) + [b""] * max(0, vocab - len(token_bytes))
@@ -228,7 +228,7 @@ class Engine:
         admission round has one) and sample its first token; returns what later rows may share."""
         prompt, key = row.sequence.prompt_ids, row.sequence.prompt_key
         if shared is not None and key is not None and shared[0] is key:
-            self._copy_slot(shared[1], slot, len(prompt))
+            self.decoder.copy_row(shared[1], slot, len(prompt))
             logits = shared[2]
         else:
             logits = self._prefill(prompt, slot)
@@ -241,17 +241,21 @@ class Engine:
     def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
         """Run the prompt through the model into cache row `slot`; the last position's logits."""
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, 0, self._cache_rows(slot, slot + 1), last_only=True)
-        return logits[0, -1]
+        return self.decoder.prefill(tokens, row=slot)[0]
 
     def _step(self) -> None:
         """One token for every running row, all rows in one forward pass."""
         rows = self._rows
-        tokens = torch.tensor([[row.next_token] for row in rows], device=self.device)
-        starts = torch.tensor([row.length for row in rows], device=self.device)
-        logits = self.model(tokens, starts, self._cache_rows(0, len(rows)), last_only=True)
+        tokens = torch.tensor([row.next_token for row in rows], device=self.device)
+        lengths = {row.length for row in rows}
+        positions = (
+            lengths.pop()
+            if len(lengths) == 1
+            else torch.tensor([row.length for row in rows], device=self.device)
+        )
+        logits = self.decoder.step(tokens, positions)
         next_tokens = sample_next(
-            logits[:, -1], [row.sequence.params for row in rows], [row.generator for row in rows]
+            logits, [row.sequence.params for row in rows], [row.generator for row in rows]
         ).tolist()
         self.stats.steps += 1
         self.stats.rows_decoded += len(rows)
@@ -304,24 +308,10 @@ class Engine:
             last = len(self._rows) - 1
             if slot != last:
                 moved = self._rows[last]
-                self._copy_slot(last, slot, moved.length)
+                self.decoder.copy_row(last, slot, moved.length)
                 self._rows[slot] = moved
             self._rows.pop()
         self.stats.running = len(self._rows)
-
-    # -- cache rows ----------------------------------------------------------------------------
-
-    def _cache_rows(self, start: int, stop: int) -> KVCache:
-        """A view of cache rows start..stop as a KVCache (writes go to the shared cache)."""
-        view = copy.copy(self.cache)
-        view.keys = [keys[start:stop] for keys in self.cache.keys]
-        view.values = [values[start:stop] for values in self.cache.values]
-        return view
-
-    def _copy_slot(self, source: int, target: int, length: int) -> None:
-        for tensors in (self.cache.keys, self.cache.values):
-            for layer in tensors:
-                layer[target, :, :length] = layer[source, :, :length]
 
     def _generator_for(self, sequence: Completion) -> torch.Generator | None:
         """The row's own random stream: the request's seed, else a fresh random one."""
