@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from mllm.train import checkpoint as ckpt
-from mllm.train import train
-from train_fixtures import (  # one_torch_thread: an autouse fixture
+from fixtures import (
     CLI_ENV,
     config_for,
-    one_torch_thread,  # noqa: F401
     tiny_flags,
     train_losses,
     val_losses,
     write_data_dir,
 )
+from mllm.train import checkpoint as ckpt
+from mllm.train import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training on one thread
 
 COMMON = {"max_steps": 8, "grad_accum": 2, "eval_interval": 4, "ckpt_interval": 4}
 

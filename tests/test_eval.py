@@ -12,15 +12,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from helpers_runs import (
-    EOT,
-    load_test_tokenizer,
-    train_tiny_tokenizer,
-    write_data_dir,
-    write_tiny_run,
-)
+from fixtures import train_tiny_tokenizer, write_data_dir, write_tiny_run
 from mllm.cli import app
 from mllm.config import EvalConfig
+from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.errors import MllmError
 from mllm.evaluate import check_same_tokenizer, evaluate, resolve_split, window_plan
 from mllm.textstream import byte_level_alphabet
@@ -65,14 +60,14 @@ def test_bits_per_byte_on_a_hand_checkable_case(tmp_path: Path, tokenizer_path: 
     """A model with every weight zero predicts uniformly: each token costs ln(V) nats. Tokens:
     EOT a b é(2 bytes as 2 tokens) EOT c -> 6 predictions (the first token is not predicted),
     standing for 1+1+1+1+0+1 = 5 bytes of text. So loss = ln V, bpb = 6·ln V / ln 2 / 5."""
-    tokenizer = load_test_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     byte_id = {b: tokenizer.token_to_id(c) for c, b in byte_level_alphabet().items()}
     eot = tokenizer.token_to_id(EOT)
     e1, e2 = "é".encode()
     ids = [eot, byte_id[ord("a")], byte_id[ord("b")], byte_id[e1], byte_id[e2], eot]
     ids.append(byte_id[ord("c")])
     write_data_dir(tmp_path / "data", tokenizer_path, ids=ids)
-    write_tiny_run(tmp_path / "run", tokenizer_path, context=4, zero_weights=True)
+    write_tiny_run(tmp_path / "run", tokenizer_path, context=4, weights="zero")
 
     config = EvalConfig(run_dir=tmp_path / "run", data_dir=tmp_path / "data", dtype="fp32")
     result = evaluate(config)

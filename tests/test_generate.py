@@ -13,14 +13,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from helpers_runs import (
-    EOT,
-    load_test_tokenizer,
-    train_tiny_tokenizer,
-    write_tiny_run,
-)
+from fixtures import train_tiny_tokenizer, write_tiny_run
 from mllm.cli import app
 from mllm.config import ModelConfig
+from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.decode import Decoder, onednn_bf16_linear, prepare_for_decoding
 from mllm.device import decode_threads
 from mllm.generate import fit_prompt, generate_ids, slide_keep
@@ -168,7 +164,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def expected_greedy_text(checkpoint: Path, prompt: str, new_tokens: int, stop=()) -> str:
     """What greedy decoding of `checkpoint` prints after the prompt, computed in-process."""
     loaded = load_checkpoint(checkpoint)
-    tokenizer = load_test_tokenizer(checkpoint.parent.parent / "tokenizer.json")
+    tokenizer = load_tokenizer(checkpoint.parent.parent / "tokenizer.json")
     ids = generate_ids(
         Decoder(prepare_for_decoding(loaded.model)),
         fit_prompt(tokenizer.encode(prompt).ids, loaded.config.context),

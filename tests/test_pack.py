@@ -18,8 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from conftest import SHARED_DATA
-from data_helpers import one_error_line, write_paragraphs
+from fixtures import SHARED_DATA, one_error_line, write_paragraphs
 from mllm.config import PackConfig, TokenizeConfig
 from mllm.data import pack as pack_module
 from mllm.data.encoder import (

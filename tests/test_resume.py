@@ -17,21 +17,22 @@ import torch
 from safetensors.torch import load_file
 
 import mllm.train.loop
-from mllm.config import TrainConfig
-from mllm.errors import MllmError, UsageError
-from mllm.train import checkpoint as ckpt
-from mllm.train import train
-from train_fixtures import (  # one_torch_thread: an autouse fixture
+from fixtures import (
     CLI_ENV,
     config_for,
     config_from_flags,
-    one_torch_thread,  # noqa: F401
     read_metrics,
     tiny_flags,
     train_losses,
     val_losses,
     write_data_dir,
 )
+from mllm.config import TrainConfig
+from mllm.errors import MllmError, UsageError
+from mllm.train import checkpoint as ckpt
+from mllm.train import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training on one thread
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from fixtures import ServerProcess, write_tiny_run
 from mllm.data.tokenizer import load_tokenizer
-from serve_helpers import ServerProcess, make_run
 
 CONTEXT = 512
 BODY_LIMIT = 65_536
@@ -29,7 +29,7 @@ MODEL = "tiny-run"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = Path(tmp_path_factory.mktemp("serve")) / "tiny-run"
-    make_run(run, context=CONTEXT)
+    write_tiny_run(run, context=CONTEXT, heads=2, weights="never_eot")
     return run
 
 

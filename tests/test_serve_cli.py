@@ -9,13 +9,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_helpers import ServerProcess, make_run, train_tiny_tokenizer
+from fixtures import ServerProcess, one_error_line, train_tiny_tokenizer, write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = Path(tmp_path_factory.mktemp("cli")) / "run"
-    make_run(run)
+    write_tiny_run(run, context=64, heads=2, weights="never_eot")
     return run
 
 
@@ -24,9 +24,8 @@ WIDE = {"COLUMNS": "500"}  # rich wraps long lines at 80 columns off a terminal
 
 def assert_one_line_error(result, code: int, words: str) -> None:
     assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and words in lines[0], lines[0]
+    line = one_error_line(result)
+    assert words in line, line
 
 
 def test_missing_run_dir(run_cli, tmp_path: Path) -> None:
@@ -47,7 +46,7 @@ def test_checkpoint_that_is_not_one(run_cli, tmp_path: Path) -> None:
 
 def test_tokenizer_mismatch(run_cli, run_dir: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.json"
-    train_tiny_tokenizer(other, text="A completely different text for another tokenizer.\n" * 3)
+    train_tiny_tokenizer(other, texts=["A completely different text for another tokenizer."] * 3)
     result = run_cli("serve", "--run-dir", run_dir, "--tokenizer", other, "--port", "0", env=WIDE)
     assert_one_line_error(result, 1, "is not the one this model was trained with")
 

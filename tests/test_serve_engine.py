@@ -6,17 +6,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 
+from fixtures import tiny_model, train_tiny_tokenizer
+from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
 from mllm.serve.engine import Completion, Engine, Event, Failed, Finished, QueueFull, TextDelta
 from mllm.textstream import TextStream, token_byte_table
-from serve_helpers import EOT, tiny_model, train_tiny_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = ["Once upon a time", "The fox", "Every morning the fox ran to the water to drink", "A"]
@@ -24,12 +24,13 @@ PROMPTS = ["Once upon a time", "The fox", "Every morning the fox ran to the wate
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return train_tiny_tokenizer(Path(tmp_path_factory.mktemp("tok")) / "tokenizer.json")
+    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer: Tokenizer) -> GPT:
-    return tiny_model(tokenizer.get_vocab_size(), tokenizer.token_to_id(EOT))
+    vocab_size, eot_id = tokenizer.get_vocab_size(), tokenizer.token_to_id(EOT)
+    return tiny_model(vocab_size, context=64, heads=2, weights="never_eot", eot_id=eot_id)
 
 
 def make_engine(model: GPT, tokenizer: Tokenizer, max_batch_size: int, eot: int | None = None):

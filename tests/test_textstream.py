@@ -8,14 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers_runs import EOT, load_test_tokenizer, train_tiny_tokenizer
+from fixtures import train_tiny_tokenizer
+from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.textstream import StopMatcher, TextStream, TokenTextDecoder, token_byte_table
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     path = train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
-    return load_test_tokenizer(path)
+    return load_tokenizer(path)
 
 
 @pytest.fixture(scope="module")

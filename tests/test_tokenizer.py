@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, pre_tokenizers
 
-from conftest import SHARED_DATA
-from data_helpers import one_error_line, write_paragraphs
+from fixtures import SHARED_DATA, one_error_line, write_paragraphs
 from mllm.config import TokenizeConfig
 from mllm.data.tokenizer import (
     BYTE_ALPHABET_SIZE,

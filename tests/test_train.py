@@ -13,6 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures import (
+    CLI_ENV,
+    VOCAB,
+    config_for,
+    read_metrics,
+    tiny_flags,
+    val_losses,
+    write_data_dir,
+)
 from mllm.cliargs import parse_config
 from mllm.config import TrainConfig
 from mllm.data.loader import TokenWindows
@@ -22,16 +31,8 @@ from mllm.train.loop import total_steps_for, train
 from mllm.train.metrics import MetricsLog, read_records
 from mllm.train.optim import lr_at
 from mllm.train.resume import WindowStream, merge_resume_config, rank_micro_starts
-from train_fixtures import (  # one_torch_thread: an autouse fixture
-    CLI_ENV,
-    VOCAB,
-    config_for,
-    one_torch_thread,  # noqa: F401
-    read_metrics,
-    tiny_flags,
-    val_losses,
-    write_data_dir,
-)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training on one thread
 
 TRAIN_FIELDS = {"step", "loss", "lr", "tokens", "tokens_per_s", "mfu", "grad_norm", "elapsed"}
 
