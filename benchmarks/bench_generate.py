@@ -1,15 +1,14 @@
 """Decode speed at batch 1: the KV-cache decoder of `mllm generate` against full recomputation.
 
-For each model size (the bench config: 6 layers, 6 heads, d_model 384, context 256, vocab 16,000;
-and the 220M default: 16 layers, 16 heads, d_model 1024, context 1024), precision and CPU thread
-count, a random-weight model generates `--new-tokens` tokens greedily from a `--prompt-tokens`
-prompt through the code `mllm generate` runs (`prepare_for_decoding`, `Decoder`,
-`generate_ids`). Decode tokens/s are timed from the first new token on; the prompt's prefill is
-reported apart (ms for prefill + first token). The no-cache baseline feeds the whole sequence
-through `GPT.forward` for every token, in the same process, same dtype and threads. Variants
-alternate within each repeat and medians are reported, since the machines are shared and noisy;
-the load average at the start says how busy the machine was (at the end it counts this
-benchmark too). The no-cache baseline runs at the first thread count only.
+For each model size (the bench config, benchlib.BENCH_MODEL; and the 220M default: 16 layers, 16
+heads, d_model 1024, context 1024), precision and CPU thread count, a random-weight model generates
+`--new-tokens` tokens greedily from a `--prompt-tokens` prompt through the code `mllm generate`
+runs (`prepare_for_decoding`, `Decoder`, `generate_ids`). Decode tokens/s are timed from the first
+new token on; the prompt's prefill is reported apart (ms for prefill + first token). The no-cache
+baseline feeds the whole sequence through `GPT.forward` for every token, in the same process, same
+dtype and threads. Variants alternate within each repeat and medians are reported, since the
+machines are shared and noisy; the load average at the start says how busy the machine was (at the
+end it counts this benchmark too). The no-cache baseline runs at the first thread count only.
 
 Prints one JSON line: machine facts, then one row per (config, dtype, threads).
 """
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from benchlib import cpu_name, load_average
+from benchlib import BENCH_MODEL, cpu_name, load_average
 from mllm.config import ModelConfig
 from mllm.decode import Decoder, prepare_for_decoding
 from mllm.device import DTYPE_NAMES, DTYPES, decode_threads, resolve_decode_dtype
@@ -34,7 +33,7 @@ from mllm.model import GPT
 from mllm.sampling import SamplingParams, sample_next
 
 CONFIGS = {
-    "bench": ModelConfig(vocab_size=16_000, context=256, d_model=384, layers=6, heads=6),
+    "bench": BENCH_MODEL,
     "default": ModelConfig(vocab_size=16_000, context=1024, d_model=1024, layers=16, heads=16),
 }
 GREEDY = SamplingParams(temperature=0)

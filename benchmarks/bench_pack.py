@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import cpu_name
+from benchlib import BENCH_MODEL, cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = [REPO.parent / "shared" / "data", REPO.parent / "shared" / "data-extra"]
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=100, help="corpus size in MB")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vocab-size", type=int, default=16_000)
+    parser.add_argument("--vocab-size", type=int, default=BENCH_MODEL.vocab_size)
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temp dir)")
     parser.add_argument("--baseline", nargs=3, metavar=("CORPUS", "TOKENIZER", "OUT"))
     args = parser.parse_args()

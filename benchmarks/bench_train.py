@@ -1,23 +1,7 @@
 """Training speed of `mllm train` on the bench config, beside a plain baseline, in one run.
 
-Bench config: 6 layers, 6 heads, d_model 384, context 256, batch 16, vocab 16,000, dropout 0,
-trained on random tokens written to a temporary data dir. Three measurements (the cores may be
-shared with other work: the paired steps alternate so that noise falls on all sides alike):
-
-1. paired steps, one process per side: the step `mllm train` runs (its own `prepare_model`,
-   `train_step`, `build_optimizer`) alternated step by step with a plain, well-written baseline
-   step: nanoGPT-style (same GPT, logits of every position, `F.cross_entropy` on fp32 logits,
-   torch AdamW fused only on CUDA as nanoGPT does, the same autocast), compiled and eager;
-2. `python -m mllm train` itself with its default settings (only the model shape, batch, step
-   count, log interval and the size of the final evaluation are given): tokens/s from the warm
-   intervals of its metrics.jsonl (the first interval, which compiles, is left out);
-3. what each part of a step costs: forward (which here includes the head's fused gradient),
-   backward, the optimizer (clip + AdamW), the head + cross-entropy alone and the optimizer
-   alone, ours vs the baseline's, and one step's time by kind of kernel (torch.profiler).
-
-MFU counts model.flops_per_token() (6·N + 12·layers·d·context) against the matmul peak of the
-precision in use, measured here with a large matmul (best of several, before and after).
-Prints one JSON line. Run: python benchmarks/bench_train.py [--steps 20] [--paired-steps 8]
+What it measures and why, and the figures: docs/training-speed.md. Prints one JSON line.
+Run: python benchmarks/bench_train.py [--steps 20] [--paired-steps 8]
 """
 
 from __future__ import annotations
@@ -38,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchlib import cpu_name, load_average
+from benchlib import BENCH_BATCH_SIZE, BENCH_MODEL, cpu_name, load_average
 from mllm.config import ModelConfig, TrainConfig
 from mllm.data.meta import DATA_JSON, DataMeta, SplitMeta
 from mllm.device import DTYPE_NAMES, DistributedInfo, autocast, pick_device, resolve_train_dtype
@@ -50,9 +34,6 @@ from mllm.train.cpu_memory import retain_freed_memory
 from mllm.train.flops import measure_matmul_flops, peak_flops
 from mllm.train.optim import build_optimizer
 
-BENCH_MODEL = {"context": 256, "d_model": 384, "layers": 6, "heads": 6, "dropout": 0.0}
-VOCAB_SIZE = 16_000
-BATCH_SIZE = 16
 TRAIN_TOKENS = 1 << 20
 VAL_TOKENS = 1 << 14
 
@@ -64,8 +45,8 @@ def main() -> None:
         run_worker(args.worker, device)
         return
     dtype = resolve_train_dtype("auto", device)  # the default of mllm train
-    model_config = ModelConfig(vocab_size=VOCAB_SIZE, **BENCH_MODEL)
-    tokens_per_step = BATCH_SIZE * model_config.context
+    model_config = BENCH_MODEL
+    tokens_per_step = BENCH_BATCH_SIZE * model_config.context
     flops_per_token = GPT(model_config).flops_per_token()
 
     load_before = load_average()
@@ -119,11 +100,9 @@ def main() -> None:
         "changes": active_changes(device, dtype, model_config),
         "device": describe_device(device),
         "threads": torch.get_num_threads(),
-        # Other processes on the same cores slow every step (each parallel kernel waits for a
-        # descheduled thread): a load average well above 0 here means pessimistic figures.
         "load_average_at_start": load_before,
         "torch": torch.__version__,
-        "config": {**BENCH_MODEL, "vocab_size": VOCAB_SIZE, "batch_size": BATCH_SIZE},
+        "config": {**BENCH_MODEL.model_dump(), "batch_size": BENCH_BATCH_SIZE},
     }
     print(json.dumps(result))
 
@@ -149,13 +128,14 @@ def write_random_data(data_dir: Path) -> Path:
     (there is no tokenizer: training only needs the bins and their metadata)."""
     data_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)
+    vocab_size = BENCH_MODEL.vocab_size
     for name, count in (("train", TRAIN_TOKENS), ("val", VAL_TOKENS)):
-        rng.integers(0, VOCAB_SIZE, size=count, dtype=np.uint16).tofile(data_dir / f"{name}.bin")
+        rng.integers(0, vocab_size, size=count, dtype=np.uint16).tofile(data_dir / f"{name}.bin")
     meta = DataMeta(
         tokenizer_sha256="0" * 64,
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         dtype="uint16",
-        eot_id=VOCAB_SIZE - 1,
+        eot_id=vocab_size - 1,
         train=SplitMeta(file="train.bin", tokens=TRAIN_TOKENS, documents=1),
         val=SplitMeta(file="val.bin", tokens=VAL_TOKENS, documents=1),
         pack_id="bench-train-random-tokens",
@@ -225,7 +205,7 @@ def make_mllm_step(
     model_config: ModelConfig, device: torch.device, dtype: torch.dtype
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """The step `mllm train` runs, built by its own functions with its default config."""
-    config = TrainConfig(model=model_config, batch_size=BATCH_SIZE)
+    config = TrainConfig(model=model_config, batch_size=BENCH_BATCH_SIZE)
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
     module = training.prepare_model(model, config, device, DistributedInfo())
@@ -251,11 +231,9 @@ def make_side_step(
 def measure_paired_steps(
     device: torch.device, steps: int, peaks: list[float], dtype: torch.dtype
 ) -> dict[str, list[float]]:
-    """Milliseconds per step of mllm train's step and the baselines', each side in its own
-    process (mllm train sets process-wide CPU state the baseline must not get: cpu_memory.py),
-    asked for one step at a time in turn, so that noise from other work falls on all sides.
-    The matmul peak is measured again after each round (into `peaks`): on shared cores its best
-    is the one least disturbed."""
+    """Milliseconds per step of each side, one step of each in turn; each side runs in its own
+    process (mllm train sets process-wide CPU state the baseline must not get: cpu_memory.py).
+    The matmul peak is measured again after each round, into `peaks`."""
     workers = {side: StepWorker(side, device) for side in SIDES}  # started one after another
     try:
         times: dict[str, list[float]] = {side: [] for side in SIDES}
@@ -310,7 +288,7 @@ class StepWorker:
 def run_worker(side: str, device: torch.device) -> None:
     """The child side of StepWorker."""
     dtype = resolve_train_dtype("auto", device)
-    model_config = ModelConfig(vocab_size=VOCAB_SIZE, **BENCH_MODEL)
+    model_config = BENCH_MODEL
     torch.manual_seed(0)
     step = make_side_step(side, model_config, device, dtype)
     batches = random_batches(model_config, device, 4)
@@ -326,8 +304,9 @@ def random_batches(
     model_config: ModelConfig, device: torch.device, count: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    shape = (BATCH_SIZE, model_config.context + 1)
-    windows = [torch.randint(0, VOCAB_SIZE, shape, generator=generator) for _ in range(count)]
+    shape = (BENCH_BATCH_SIZE, model_config.context + 1)
+    vocab_size = model_config.vocab_size
+    windows = [torch.randint(0, vocab_size, shape, generator=generator) for _ in range(count)]
     return [(w[:, :-1].to(device), w[:, 1:].to(device)) for w in windows]
 
 
@@ -359,12 +338,12 @@ def run_mllm_train(
         "train",
         "--data-dir", str(data_dir),
         "--run-dir", str(run_dir),
-        "--context", str(BENCH_MODEL["context"]),
-        "--d-model", str(BENCH_MODEL["d_model"]),
-        "--layers", str(BENCH_MODEL["layers"]),
-        "--heads", str(BENCH_MODEL["heads"]),
-        "--dropout", str(BENCH_MODEL["dropout"]),
-        "--batch-size", str(BATCH_SIZE),
+        "--context", str(BENCH_MODEL.context),
+        "--d-model", str(BENCH_MODEL.d_model),
+        "--layers", str(BENCH_MODEL.layers),
+        "--heads", str(BENCH_MODEL.heads),
+        "--dropout", str(BENCH_MODEL.dropout),
+        "--batch-size", str(BENCH_BATCH_SIZE),
         "--max-steps", str(steps),
         "--log-interval", str(log_interval),
         "--eval-batches", "1",
@@ -382,7 +361,7 @@ def run_mllm_train(
     warm = [r["tokens_per_s"] for r in intervals if not r.get("cold")]
     if not warm:
         raise SystemExit("mllm train logged no warm interval: raise --steps")
-    tokens_per_step = BATCH_SIZE * BENCH_MODEL["context"]
+    tokens_per_step = BENCH_BATCH_SIZE * BENCH_MODEL.context
     command = "python -m mllm " + " ".join(
         "DATA" if a == str(data_dir) else "RUN" if a == str(run_dir) else a for a in args
     )
@@ -411,10 +390,9 @@ PROFILE_CATEGORIES = (
 def measure_parts(
     model_config: ModelConfig, device: torch.device, dtype: torch.dtype, repeats: int
 ) -> dict[str, float]:
-    """Median milliseconds of each part of mllm train's step (timed one part at a time), where a
-    step's time goes by kind of kernel (torch.profiler), and the head + cross-entropy alone and
-    the optimizer alone, ours vs the baseline's."""
-    config = TrainConfig(model=model_config, batch_size=BATCH_SIZE)
+    """Median milliseconds of each part of mllm train's step, timed one part at a time, and of
+    one step by kind of kernel."""
+    config = TrainConfig(model=model_config, batch_size=BENCH_BATCH_SIZE)
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
     module = training.prepare_model(model, config, device, DistributedInfo())
