@@ -1,12 +1,12 @@
 """Throughput and latency of `mllm serve` with 1 and with N concurrent streaming clients.
 
-Starts a real server (a subprocess on a free loopback port) over a bench-size model (6 layers,
-6 heads, d_model 384, context 256, vocab 16,000) and drives it with httpx async clients, each
-sending streaming completions back to back. Client counts take turns in rounds (1, 8, 1, 8, ...),
-so a change in the machine's load hits both alike; rates are medians over the rounds. Prints ONE
-JSON line: per client count, requests/s, generated tokens/s, p50/p99 latency and time to first
-token, and errors; and the ratio of generated tokens/s with N clients to that with 1 (continuous
-batching at work). The clients run on the same cores as the server.
+Starts a real server (a subprocess on a free loopback port: the test layer's ServerProcess, from
+tests/fixtures.py) over the bench-size model (benchlib.BENCH_MODEL) and drives it with httpx async
+clients, each sending streaming completions back to back. Client counts take turns in rounds (1, 8,
+1, 8, ...), so a change in the machine's load hits both alike; rates are medians over the rounds.
+Prints ONE JSON line: per client count, requests/s, generated tokens/s, p50/p99 latency and time to
+first token, and errors; and the ratio of generated tokens/s with N clients to that with 1
+(continuous batching at work). The clients run on the same cores as the server.
 
 Weights are random unless --run-dir names a trained run: decoding cost does not depend on what
 the weights are (every request decodes exactly max_tokens: the random model is kept from ending
@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,19 +34,21 @@ from typing import Any
 import httpx
 import torch
 
-from mllm.config import ModelConfig, TokenizeConfig
+from benchlib import BENCH_MODEL
+from mllm.config import TokenizeConfig
 from mllm.data.tokenizer import EOT, load_tokenizer, train_tokenizer
 from mllm.device import decode_threads
-from mllm.fileio import sha256_file
 from mllm.model import GPT
-from mllm.train.checkpoint import find_checkpoint, model_config_of, read_state, write_checkpoint
+from mllm.train.checkpoint import find_checkpoint, model_config_of, read_state
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the one home of a run dir's layout and of the launcher
+from fixtures import ServerProcess, write_run  # noqa: E402
+
 SHARED_TEXT = [
     REPO.parent / "shared" / "data" / "wikitext" / "wiki.test.raw",
     REPO.parent / "shared" / "data" / "tinystories" / "tinystories_val.txt",
 ]
-BENCH_MODEL = ModelConfig(vocab_size=16_000, context=256, d_model=384, layers=6, heads=6)
 PROMPTS = [
     "Once upon a time, a little girl named Lily found a shiny key in the garden.",
     "The history of the city begins in the twelfth century, when",
@@ -84,74 +84,17 @@ def random_run(folder: Path) -> Path:
     bias has zero mean), so the EOT logit is far below the rest: every completion runs to
     max_tokens, and every run of the benchmark does the same amount of work.
     """
-    run = folder / "bench-random"
-    run.mkdir(parents=True)
     tokenizer_path = train_bench_tokenizer(folder)
     tokenizer = load_tokenizer(tokenizer_path)
-    (run / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
     eot_id = tokenizer.token_to_id(EOT)
     torch.manual_seed(0)
     model = GPT(BENCH_MODEL.model_copy(update={"vocab_size": tokenizer.get_vocab_size()}))
     with torch.no_grad():
         model.ln_final.bias.fill_(1.0)
         model.token_embedding.weight[eot_id] = -1.0
-    state = {
-        "step": 0,
-        "model_config": model.config.model_dump(),
-        "data": {
-            "tokenizer_sha256": sha256_file(run / "tokenizer.json"),
-            "vocab_size": tokenizer.get_vocab_size(),
-            "eot_id": eot_id,
-            "pack_id": "bench-serve",
-            "dtype": "uint16",
-        },
-    }
-    write_checkpoint(run, 0, model, state)
+    run = folder / "bench-random"
+    write_run(run, model, tokenizer_path, step=0, pack_id="bench-serve")
     return run
-
-
-class Server:
-    """`mllm serve` in a subprocess on a free loopback port."""
-
-    def __init__(self, run_dir: Path, log: Path, max_batch_size: int, threads: int | None) -> None:
-        self.log = log
-        self._log_file = log.open("w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
-        threads_flag = [] if threads is None else ["--threads", str(threads)]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mllm", "serve", "--run-dir", str(run_dir), "--port", "0",
-             "--max-batch-size", str(max_batch_size), *threads_flag],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )  # fmt: skip
-        self.url = self._wait_for_url()
-
-    def _wait_for_url(self, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited:\n{self.log.read_text()}")
-            match = re.search(r"at (http://\S+)", self.log.read_text())
-            if match:
-                try:
-                    if httpx.get(match.group(1) + "/health", timeout=5).status_code == 200:
-                        return match.group(1)
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.2)
-        raise SystemExit(f"server did not start:\n{self.log.read_text()}")
-
-    def model_id(self) -> str:
-        return httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log_file.close()
 
 
 async def one_request(
@@ -274,17 +217,21 @@ def main() -> None:
         folder = Path(tmp)
         run_dir = args.run_dir or random_run(folder)
         model_config = model_config_of(read_state(find_checkpoint(run_dir)))
-        server = Server(run_dir, folder / "server.log", args.max_batch_size, args.server_threads)
-        try:
-            model = server.model_id()
+        threads = [] if args.server_threads is None else ["--threads", str(args.server_threads)]
+        server = ServerProcess(
+            run_dir,
+            *["--max-batch-size", str(args.max_batch_size), *threads],
+            log_path=folder / "server.log",
+            timeout=120,
+        )
+        with server:
+            model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
             asyncio.run(drive(server.url, model, 2, 3.0, args.max_tokens))  # warm up
             phases: dict[int, list[Phase]] = {n: [] for n in args.clients}
             for _ in range(args.rounds):  # interleaved, so load changes hit every count alike
                 for n in args.clients:
                     phase = asyncio.run(drive(server.url, model, n, args.seconds, args.max_tokens))
                     phases[n].append(phase)
-        finally:
-            server.stop()
 
     results = [summarize(phases[n]) for n in args.clients]
     base = results[0]["generated_tokens_per_s"]
