@@ -31,6 +31,7 @@ from rich.table import Table
 from mllm import __version__
 from mllm.config import CorpusConfig
 from mllm.console import err_console, info, is_quiet, make_progress, warn
+from mllm.data.datadir import corpus_path, corpus_sidecar
 from mllm.data.sources import SourceSpec, check_hub_reachable, read_documents, resolve_sources
 from mllm.errors import UsageError
 from mllm.fileio import atomic_open, atomic_write_json
@@ -203,10 +204,10 @@ def mix_documents(
 
 def corpus_paths(config: CorpusConfig) -> tuple[Path, Path]:
     """corpus.txt and its sidecar corpus.json (same stem, .json)."""
-    output = config.output or config.data_dir / "corpus.txt"
+    output = config.output or corpus_path(config.data_dir)
     if output.suffix.lower() == ".json":
         raise UsageError(f"--output {output}: must not end in .json (the sidecar is .json)")
-    return output, output.with_suffix(".json")
+    return output, corpus_sidecar(output)
 
 
 def write_corpus(
@@ -313,5 +314,5 @@ def _report(
     rate = written / seconds if seconds > 0 else 0.0
     info(
         f"wrote {written:,} documents ({size / 1e6:,.1f} MB) to {output} and "
-        f"{output.with_suffix('.json').name} in {seconds:.1f} s ({rate:,.0f} docs/s)"
+        f"{corpus_sidecar(output).name} in {seconds:.1f} s ({rate:,.0f} docs/s)"
     )

@@ -12,10 +12,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from mllm.data.datadir import DATA_JSON
 from mllm.errors import MllmError
 from mllm.fileio import read_json
 
-DATA_JSON = "data.json"
 FORMAT_VERSION = 1
 
 

@@ -47,8 +47,15 @@ from rich.markup import escape
 from mllm import __version__
 from mllm.config import PackConfig
 from mllm.console import info, make_progress, warn
+from mllm.data.datadir import (
+    BINS,
+    DATA_JSON,
+    corpus_path,
+    corpus_sidecar,
+    tokenizer_path,
+)
 from mllm.data.encoder import DocumentEncoder, make_encoder
-from mllm.data.meta import DATA_JSON, DataMeta, SplitMeta, check_bins, load_data_meta
+from mllm.data.meta import DataMeta, SplitMeta, check_bins, load_data_meta
 from mllm.data.textfile import decode_block, iter_line_blocks, require_corpus, split_documents
 from mllm.data.tokenizer import eot_id, read_tokenizer_file, tokenizer_from_bytes
 from mllm.errors import MllmError, UsageError
@@ -64,7 +71,6 @@ from mllm.fileio import (
 
 SPLIT_METHOD = "exact count, sequential sampling (algorithm S), numpy PCG64"
 UINT16_MAX_VOCAB = 1 << 16
-BINS = {"train": "train.bin", "val": "val.bin"}
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,8 @@ class PackPaths:
     @classmethod
     def from_config(cls, config: PackConfig) -> PackPaths:
         return cls(
-            corpus=config.corpus or config.data_dir / "corpus.txt",
-            tokenizer=config.tokenizer or config.data_dir / "tokenizer.json",
+            corpus=config.corpus or corpus_path(config.data_dir),
+            tokenizer=config.tokenizer or tokenizer_path(config.data_dir),
             output_dir=config.output_dir or config.data_dir,
         )
 
@@ -526,7 +532,7 @@ def _provenance(
 
 def _corpus_sidecar(corpus: Path, corpus_sha256: str) -> dict[str, Any] | None:
     """corpus.json (optional): recorded by path and hash; warns when it describes another file."""
-    sidecar = corpus.with_suffix(".json")
+    sidecar = corpus_sidecar(corpus)
     if not sidecar.is_file():
         return None
     try:

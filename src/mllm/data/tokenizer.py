@@ -34,6 +34,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from mllm import __version__
 from mllm.config import TokenizeConfig
 from mllm.console import info, make_progress
+from mllm.data.datadir import corpus_path, tokenizer_path
 from mllm.data.textfile import decode_block, iter_line_blocks, require_corpus, split_documents
 from mllm.errors import MllmError
 from mllm.fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir, sha256_file
@@ -100,8 +101,8 @@ def new_byte_level_bpe() -> Tokenizer:
 
 def tokenizer_paths(config: TokenizeConfig) -> tuple[Path, Path]:
     """corpus.txt to read and tokenizer.json to write."""
-    corpus = config.corpus or config.data_dir / "corpus.txt"
-    output = config.output or config.data_dir / "tokenizer.json"
+    corpus = config.corpus or corpus_path(config.data_dir)
+    output = config.output or tokenizer_path(config.data_dir)
     return corpus, output
 
 
