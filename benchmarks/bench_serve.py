@@ -6,7 +6,10 @@ clients, each sending streaming completions back to back. Client counts take tur
 1, 8, ...), so a change in the machine's load hits both alike; rates are medians over the rounds.
 Prints ONE JSON line: per client count, requests/s, generated tokens/s, p50/p99 latency and time to
 first token, and errors; and the ratio of generated tokens/s with N clients to that with 1
-(continuous batching at work). The clients run on the same cores as the server.
+(continuous batching at work). The clients run on the same cores as the server. Each round
+also runs `mllm generate` on the same run with the server's thread count, so the one-client
+decode rate (tokens/s after the first token of each request) stands beside generate's own
+figure: the two share one decode path (mllm.decode), and serve at one client must be as fast.
 
 Weights are random unless --run-dir names a trained run: decoding cost does not depend on what
 the weights are (every request decodes exactly max_tokens: the random model is kept from ending
@@ -23,7 +26,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +44,7 @@ from mllm.config import TokenizeConfig
 from mllm.data.tokenizer import EOT, load_tokenizer, train_tokenizer
 from mllm.device import decode_threads
 from mllm.model import GPT
-from mllm.train.checkpoint import find_checkpoint, model_config_of, read_state
+from mllm.train.checkpoint import find_checkpoint, read_state
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the one home of a run dir's layout and of the launcher
@@ -121,6 +126,8 @@ async def one_request(
     finished = time.perf_counter()
     sample["latency"].append(finished - started)
     sample["ttft"].append((first_token or finished) - started)
+    if first_token is not None and tokens > 1 and finished > first_token:
+        sample["decode"].append((tokens - 1) / (finished - first_token))
     return tokens
 
 
@@ -135,13 +142,14 @@ class Phase:
     errors: int = 0
     latency: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)  # tokens/s after the first, per request
 
 
 async def drive(url: str, model: str, clients: int, seconds: float, max_tokens: int) -> Phase:
     """`clients` concurrent clients sending requests back to back for `seconds` (a request
     started before the deadline runs to its end)."""
     phase = Phase(clients)
-    sample = {"latency": phase.latency, "ttft": phase.ttft}
+    sample = {"latency": phase.latency, "ttft": phase.ttft, "decode": phase.decode}
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         deadline = time.perf_counter() + seconds
@@ -197,7 +205,26 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
         "latency_p99_s": round(quantile(latency, 0.99), 4),
         "ttft_p50_s": round(quantile(ttft, 0.5), 4),
         "ttft_p99_s": round(quantile(ttft, 0.99), 4),
+        "decode_tokens_per_s_after_first_p50": round(
+            quantile([x for phase in phases for x in phase.decode], 0.5), 1
+        ),
     }
+
+
+GENERATE_RATE = re.compile(r"([\d.]+) tokens/s after")
+
+
+def generate_rate(run_dir: Path, prompt: str, max_tokens: int, threads: int, seed: int) -> float:
+    """`mllm generate` on the same run, as a user runs it: its own figure of tokens/s after the
+    first token (start-up and prefill excluded, as in the serve figure it is compared with)."""
+    command = [sys.executable, "-m", "mllm", "generate", prompt, "--run-dir", str(run_dir)]
+    command += ["--max-new-tokens", str(max_tokens), "--temperature", "0.8", "--seed", str(seed)]
+    command += ["--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    found = GENERATE_RATE.search(result.stderr)
+    if result.returncode != 0 or found is None:
+        raise RuntimeError(f"mllm generate failed: {result.stderr[-500:]}")
+    return float(found.group(1))
 
 
 def main() -> None:
@@ -216,7 +243,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         folder = Path(tmp)
         run_dir = args.run_dir or random_run(folder)
-        model_config = model_config_of(read_state(find_checkpoint(run_dir)))
+        model_config = read_state(find_checkpoint(run_dir)).model
+        server_threads = decode_threads(args.server_threads, reserved=1)
         threads = [] if args.server_threads is None else ["--threads", str(args.server_threads)]
         server = ServerProcess(
             run_dir,
@@ -228,13 +256,20 @@ def main() -> None:
             model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
             asyncio.run(drive(server.url, model, 2, 3.0, args.max_tokens))  # warm up
             phases: dict[int, list[Phase]] = {n: [] for n in args.clients}
-            for _ in range(args.rounds):  # interleaved, so load changes hit every count alike
+            generate_rates: list[float] = []
+            for round_index in range(args.rounds):  # interleaved: load changes hit all alike
                 for n in args.clients:
                     phase = asyncio.run(drive(server.url, model, n, args.seconds, args.max_tokens))
                     phases[n].append(phase)
+                # `mllm generate` with the server's thread count, while the server idles
+                prompt = PROMPTS[round_index % len(PROMPTS)]
+                rate = generate_rate(run_dir, prompt, args.max_tokens, server_threads, round_index)
+                generate_rates.append(rate)
 
     results = [summarize(phases[n]) for n in args.clients]
     base = results[0]["generated_tokens_per_s"]
+    one_client = results[0]["decode_tokens_per_s_after_first_p50"]
+    generate = statistics.median(generate_rates)
     report = {
         "bench": "serve",
         "weights": str(args.run_dir) if args.run_dir else "random",
@@ -242,8 +277,15 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "max_batch_size": args.max_batch_size,
         "cpu_cores": os.cpu_count(),
-        "server_threads": decode_threads(args.server_threads, reserved=1),
+        "server_threads": server_threads,
         "results": results,
+        "one_client_vs_generate": {
+            "clients": args.clients[0],
+            "serve_decode_tokens_per_s": one_client,
+            "generate_decode_tokens_per_s": round(generate, 1),
+            "generate_by_round": generate_rates,
+            "ratio": round(one_client / generate, 3) if generate else None,
+        },
         "errors": sum(r["errors"] for r in results),
         f"tokens_per_s_ratio_{args.clients[-1]}_vs_{args.clients[0]}": round(
             results[-1]["generated_tokens_per_s"] / base, 2

@@ -24,15 +24,17 @@ from torch import nn
 
 from benchlib import BENCH_BATCH_SIZE, BENCH_MODEL, cpu_name, load_average
 from mllm.config import ModelConfig, TrainConfig
-from mllm.data.meta import DATA_JSON, DataMeta, SplitMeta
-from mllm.device import DTYPE_NAMES, DistributedInfo, autocast, pick_device, resolve_train_dtype
+from mllm.data.datadir import DATA_JSON
+from mllm.data.meta import DataMeta, SplitMeta
+from mllm.device import DTYPE_NAMES, autocast, pick_device, resolve_train_dtype
+from mllm.distributed import DistributedInfo
 from mllm.fileio import atomic_write_json
 from mllm.losses import linear_cross_entropy
 from mllm.model import GPT
-from mllm.train import loop as training
 from mllm.train.cpu_memory import retain_freed_memory
 from mllm.train.flops import measure_matmul_flops, peak_flops
 from mllm.train.optim import build_optimizer
+from mllm.train.step import prepare_model, train_step
 
 TRAIN_TOKENS = 1 << 20
 VAL_TOKENS = 1 << 14
@@ -208,11 +210,11 @@ def make_mllm_step(
     config = TrainConfig(model=model_config, batch_size=BENCH_BATCH_SIZE)
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
-    module = training.prepare_model(model, config, device, DistributedInfo())
+    module = prepare_model(model, config, device, DistributedInfo())
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        training.train_step(module, optimizer, scaler, [(x, y)], device, dtype, config.grad_clip)
+        train_step(module, optimizer, scaler, [(x, y)], device, dtype, config.grad_clip)
 
     return step
 
@@ -395,7 +397,7 @@ def measure_parts(
     config = TrainConfig(model=model_config, batch_size=BENCH_BATCH_SIZE)
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
-    module = training.prepare_model(model, config, device, DistributedInfo())
+    module = prepare_model(model, config, device, DistributedInfo())
     x, y = random_batches(model_config, device, 1)[0]
     params = list(model.parameters())
     state: dict[str, torch.Tensor] = {}
@@ -475,7 +477,7 @@ def profile_step(
     the time the kernels run; on GPUs, where kernels are asynchronous, launch time only)."""
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     with torch.profiler.profile() as profiler:
-        training.train_step(module, optimizer, scaler, [(x, y)], device, dtype, config.grad_clip)
+        train_step(module, optimizer, scaler, [(x, y)], device, dtype, config.grad_clip)
         synchronize(device)
     totals = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + ["other"], 0.0)
     for event in profiler.key_averages():

@@ -31,11 +31,12 @@ import torch
 
 from mllm.cliargs import parse_config
 from mllm.config import ModelConfig, TrainConfig
-from mllm.data.meta import DATA_JSON, DataMeta, SplitMeta
+from mllm.data.datadir import DATA_JSON
+from mllm.data.meta import DataMeta, SplitMeta
 from mllm.data.tokenizer import EOT, load_tokenizer, new_byte_level_bpe
 from mllm.fileio import atomic_write_json, sha256_file
 from mllm.model import GPT
-from mllm.train.checkpoint import write_checkpoint
+from mllm.train.checkpoint import DataIdentity, DataPosition, RunState, write_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -238,27 +239,41 @@ def tiny_model(
     return model
 
 
+def run_state(
+    model_config: ModelConfig, data: DataIdentity, *, step: int = 1, tokens_seen: int = 0
+) -> RunState:
+    """The state.json of a checkpoint `mllm train` could have written at `step` (fresh data
+    position, default train config around `model_config`)."""
+    return RunState(
+        step=step,
+        tokens_seen=tokens_seen,
+        total_steps=step,
+        dtype="fp32",
+        data_position=DataPosition(
+            order="random", windows_drawn=0, generator=np.random.default_rng(0).bit_generator.state
+        ),
+        train_config=TrainConfig(model=model_config),
+        data=data,
+    )
+
+
 def write_run(
     run_dir: Path, model: GPT, tokenizer_path: Path, *, step: int = 1, pack_id: str = PACK_ID
 ) -> Path:
     """A run dir as `mllm train` leaves it: tokenizer.json and checkpoints/step_N holding `model`
     and a state.json naming the tokenizer; returns the checkpoint folder."""
     tokenizer = load_tokenizer(tokenizer_path)
-    state = {
-        "step": step,
-        "model_config": model.config.model_dump(),
-        "data": {
-            "tokenizer_sha256": sha256_file(tokenizer_path),
-            "vocab_size": tokenizer.get_vocab_size(),
-            "eot_id": tokenizer.token_to_id(EOT),
-            "pack_id": pack_id,
-            "dtype": "uint16",
-        },
-    }
+    data = DataIdentity(
+        tokenizer_sha256=sha256_file(tokenizer_path),
+        vocab_size=tokenizer.get_vocab_size(),
+        eot_id=tokenizer.token_to_id(EOT),
+        pack_id=pack_id,
+        dtype="uint16",
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_path != run_dir / "tokenizer.json":
         shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
-    return write_checkpoint(run_dir, step, model, state)
+    return write_checkpoint(run_dir, model, run_state(model.config, data, step=step))
 
 
 def write_tiny_run(

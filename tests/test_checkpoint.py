@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import run_state
 from mllm.config import ModelConfig
 from mllm.errors import MllmError
 from mllm.model import GPT
@@ -18,13 +19,16 @@ def tiny_model() -> GPT:
     return GPT(ModelConfig(vocab_size=50, context=16, d_model=16, layers=1, heads=2))
 
 
-def state_for(model: GPT, step: int) -> dict:
-    return {"step": step, "model_config": model.config.model_dump(), "data": {}}
+DATA = ckpt.DataIdentity(pack_id="p", tokenizer_sha256="t", vocab_size=50, dtype="uint16")
+
+
+def state_for(model: GPT, step: int, tokens_seen: int = 0) -> ckpt.RunState:
+    return run_state(model.config, DATA, step=step, tokens_seen=tokens_seen)
 
 
 def test_write_then_load_gives_the_same_logits(tmp_path: Path) -> None:
     model = tiny_model()
-    path = ckpt.write_checkpoint(tmp_path, 3, model, state_for(model, 3), {"x": 1})
+    path = ckpt.write_checkpoint(tmp_path, model, state_for(model, 3), {"x": 1})
     assert path.name == "step_000003"
     assert not any(p.name.startswith(".tmp") for p in path.parent.iterdir())
     loaded = ckpt.load_checkpoint(path)
@@ -37,7 +41,7 @@ def test_write_then_load_gives_the_same_logits(tmp_path: Path) -> None:
 def test_best_else_latest_and_retention(tmp_path: Path) -> None:
     model = tiny_model()
     for step in (1, 2, 3, 4):
-        path = ckpt.write_checkpoint(tmp_path, step, model, state_for(model, step))
+        path = ckpt.write_checkpoint(tmp_path, model, state_for(model, step))
         if step == 2:
             ckpt.mark_best(tmp_path, path, val_loss=1.0)
     assert ckpt.find_checkpoint(tmp_path).name == "step_000002"
@@ -61,7 +65,7 @@ def test_a_resave_cut_short_leaves_a_complete_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
 ) -> None:
     model = tiny_model()
-    ckpt.write_checkpoint(tmp_path, 5, model, {**state_for(model, 5), "saved": "first"})
+    ckpt.write_checkpoint(tmp_path, model, state_for(model, 5, tokens_seen=1))
     rename, calls = Path.rename, []
 
     def second_signal(self: Path, target: Path) -> Path:
@@ -72,15 +76,15 @@ def test_a_resave_cut_short_leaves_a_complete_checkpoint(
 
     monkeypatch.setattr(Path, "rename", second_signal)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.write_checkpoint(tmp_path, 5, model, {**state_for(model, 5), "saved": "second"})
+        ckpt.write_checkpoint(tmp_path, model, state_for(model, 5, tokens_seen=2))
     monkeypatch.undo()
     [found] = ckpt.list_checkpoints(tmp_path)
-    assert ckpt.read_state(found)["saved"] == "first"
-    assert ckpt.load_checkpoint(found).state["step"] == 5
+    assert ckpt.read_state(found).tokens_seen == 1  # the first save
+    assert ckpt.load_checkpoint(found).state.step == 5
     # The next save of that step replaces it and tidies up.
-    ckpt.write_checkpoint(tmp_path, 5, model, {**state_for(model, 5), "saved": "third"})
+    ckpt.write_checkpoint(tmp_path, model, state_for(model, 5, tokens_seen=3))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000005"]
-    assert ckpt.read_state(ckpt.find_checkpoint(tmp_path))["saved"] == "third"
+    assert ckpt.read_state(ckpt.find_checkpoint(tmp_path)).tokens_seen == 3
 
 
 def test_missing_run_dir_and_bad_checkpoint_are_clear_errors(tmp_path: Path) -> None:
@@ -92,7 +96,7 @@ def test_missing_run_dir_and_bad_checkpoint_are_clear_errors(tmp_path: Path) -> 
 
 def test_mismatched_weights_are_refused(tmp_path: Path) -> None:
     model = tiny_model()
-    path = ckpt.write_checkpoint(tmp_path, 1, model, state_for(model, 1))
+    path = ckpt.write_checkpoint(tmp_path, model, state_for(model, 1))
     other = GPT(ModelConfig(vocab_size=50, context=16, d_model=16, layers=2, heads=2))
     with pytest.raises(MllmError, match="does not match"):
         ckpt.load_weights(path, other)
@@ -100,7 +104,7 @@ def test_mismatched_weights_are_refused(tmp_path: Path) -> None:
 
 def test_a_damaged_weights_file_is_one_clear_error(tmp_path: Path) -> None:
     model = tiny_model()
-    path = ckpt.write_checkpoint(tmp_path, 1, model, state_for(model, 1))
+    path = ckpt.write_checkpoint(tmp_path, model, state_for(model, 1))
     weights = path / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:40])  # truncated, e.g. a copy cut short
     with pytest.raises(MllmError, match="is damaged"):

@@ -56,7 +56,7 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
         assert [step for step, _ in got] == [step for step, _ in expected]
         assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
     state = ckpt.read_state(ckpt.latest_checkpoint(two))
-    assert state["world_size"] == 2 and state["tokens_seen"] == 8 * 2 * 8 * 32
+    assert state.world_size == 2 and state.tokens_seen == 8 * 2 * 8 * 32
 
     # Lose the last checkpoint (as if killed just before it was written): a distributed resume
     # redoes steps 5-8 from step 4 and logs bit for bit what it logged the first time.
@@ -70,8 +70,8 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
 
 RANK0_FAILS = """
 import torch.distributed as dist
-from mllm.device import distributed_from_env
-from mllm.train.loop import on_rank0
+from mllm.distributed import distributed_from_env
+from mllm.distributed import on_rank0
 
 info = distributed_from_env()
 dist.init_process_group("gloo")

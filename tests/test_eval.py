@@ -19,7 +19,12 @@ from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.errors import MllmError
 from mllm.evaluate import check_same_tokenizer, evaluate, resolve_split, window_plan
 from mllm.textstream import byte_level_alphabet
-from mllm.train.checkpoint import load_checkpoint
+from mllm.train.checkpoint import DataIdentity, load_checkpoint
+
+
+def identity(meta, **changes: object) -> DataIdentity:
+    """What a checkpoint that trained on `meta`'s data records of it, with `changes`."""
+    return DataIdentity.of(meta).model_copy(update=changes)
 
 
 def invoke(*args: object):
@@ -179,7 +184,7 @@ def test_data_packed_with_another_tokenizer_is_refused(run: Path, tmp_path: Path
 
 def test_vocab_mismatch_is_refused(run: Path, data: Path) -> None:
     split = resolve_split(EvalConfig(run_dir=run, data_dir=data))
-    trained_on = {"vocab_size": split.meta.vocab_size + 1}
+    trained_on = identity(split.meta, vocab_size=split.meta.vocab_size + 1)
     with pytest.raises(MllmError, match="vocab size"):
         check_same_tokenizer(split, trained_on, run)
 
@@ -197,7 +202,7 @@ def test_data_from_another_pack_is_scored_with_a_warning(
     run: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     split = resolve_split(EvalConfig(run_dir=run, data_dir=data))
-    check_same_tokenizer(split, {"pack_id": split.meta.pack_id}, run)
+    check_same_tokenizer(split, identity(split.meta), run)
     assert "warning" not in capsys.readouterr().err
-    check_same_tokenizer(split, {"pack_id": "another-pack"}, run)
+    check_same_tokenizer(split, identity(split.meta, pack_id="another-pack"), run)
     assert "not from the pack" in " ".join(capsys.readouterr().err.split())

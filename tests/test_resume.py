@@ -86,7 +86,7 @@ def test_sigkill_then_resume_logs_bitwise_the_same_losses(data_dir: Path, tmp_pa
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
-    stopped_at = ckpt.read_state(ckpt.latest_checkpoint(killed))["step"]
+    stopped_at = ckpt.read_state(ckpt.latest_checkpoint(killed)).step
     assert stopped_at < 200, "the kill came after the run finished: nothing was tested"
 
     result = train(resume_config(killed))  # `mllm train --run-dir killed --resume`
@@ -114,8 +114,8 @@ def test_sigterm_saves_then_resume_matches_with_ordered_windows_and_accumulation
     assert process.returncode == 143, stderr
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
     state = ckpt.read_state(ckpt.latest_checkpoint(stopped))
-    assert state["step"] == train_losses(stopped)[-1][0] < 160
-    assert state["data_position"]["order"] == "strided"
+    assert state.step == train_losses(stopped)[-1][0] < 160
+    assert state.data_position.order == "strided"
 
     train(resume_config(stopped))
     assert train_losses(stopped) == train_losses(reference)
@@ -127,7 +127,7 @@ def test_sigint_saves_at_once_and_exits_130(
 ) -> None:
     """Ctrl-C after step 3 (sent to this process from inside the step): the step finishes, a
     checkpoint of step 3 is saved, the handlers are put back."""
-    real_step = mllm.train.train_step
+    real_step = mllm.train.loop.train_step
     calls = []
 
     def step_then_interrupt(*args, **kwargs):
@@ -140,7 +140,7 @@ def test_sigint_saves_at_once_and_exits_130(
     handler_before = signal.getsignal(signal.SIGINT)
     result = train(config_for(data_dir, tmp_path / "run", max_steps=1000))
     assert result.exit_code == 130 and result.step == 3 and len(calls) == 3
-    assert ckpt.read_state(result.checkpoint)["step"] == 3
+    assert ckpt.read_state(result.checkpoint).step == 3
     assert result.checkpoint == ckpt.latest_checkpoint(tmp_path / "run")
     assert "stopped by SIGINT at step 3" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is handler_before
@@ -149,7 +149,7 @@ def test_sigint_saves_at_once_and_exits_130(
 def test_a_signal_during_the_last_step_ends_as_a_finished_run(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    real_step = mllm.train.train_step
+    real_step = mllm.train.loop.train_step
 
     def step_then_interrupt(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
@@ -158,7 +158,7 @@ def test_a_signal_during_the_last_step_ends_as_a_finished_run(
     monkeypatch.setattr(mllm.train.loop, "train_step", step_then_interrupt)
     result = train(config_for(data_dir, tmp_path / "run", max_steps=1))
     assert result.exit_code == 0 and result.step == 1  # nothing left for --resume to do
-    assert ckpt.read_state(result.checkpoint)["step"] == 1
+    assert ckpt.read_state(result.checkpoint).step == 1
     assert "stopped by" not in capsys.readouterr().err
 
 
@@ -183,7 +183,7 @@ def test_resume_refuses_a_changed_model_shape(run_cli, data_dir: Path, short_run
     result = run_cli("train", *flags, env=CLI_ENV)
     assert result.returncode == 2
     assert "position table" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert ckpt.read_state(ckpt.latest_checkpoint(short_run))["step"] == 4  # nothing was written
+    assert ckpt.read_state(ckpt.latest_checkpoint(short_run)).step == 4  # nothing was written
 
 
 def test_resume_refuses_other_data(data_dir: Path, short_run: Path, tmp_path: Path) -> None:

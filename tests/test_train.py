@@ -27,9 +27,11 @@ from mllm.config import TrainConfig
 from mllm.data.loader import TokenWindows
 from mllm.errors import MllmError, UsageError
 from mllm.train import checkpoint as ckpt
-from mllm.train.loop import total_steps_for, train
+from mllm.train.checkpoint import DataPosition
+from mllm.train.loop import train
 from mllm.train.metrics import MetricsLog, read_records
 from mllm.train.optim import lr_at
+from mllm.train.plan import total_steps_for
 from mllm.train.resume import WindowStream, merge_resume_config, rank_micro_starts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training on one thread
@@ -73,15 +75,15 @@ def test_cli_run_learns_and_writes_every_artifact(run_cli, data_dir: Path, tmp_p
     assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_000040"]
     found = ckpt.find_checkpoint(run_dir)
     state = ckpt.read_state(found)
-    assert state["step"] == 40 and state["tokens_seen"] == 40 * 8 * 32
-    assert state["val_loss"] == state["best_val_loss"] == vals[-1][1]
-    assert state["model_config"]["vocab_size"] == VOCAB
-    assert state["data"]["pack_id"] == "pack-a" and state["data"]["eot_id"] == VOCAB - 1
+    assert state.step == 40 and state.tokens_seen == 40 * 8 * 32
+    assert state.val_loss == state.best_val_loss == vals[-1][1]
+    assert state.model.vocab_size == VOCAB
+    assert state.data.pack_id == "pack-a" and state.data.eot_id == VOCAB - 1
     assert (
-        state["data"]["tokenizer_sha256"]
+        state.data.tokenizer_sha256
         == json.loads((data_dir / "data.json").read_text())["tokenizer_sha256"]
     )
-    assert state["data_position"]["windows_drawn"] == 40 * 8
+    assert state.data_position.windows_drawn == 40 * 8
     loaded = ckpt.load_checkpoint(found)  # what eval / generate / serve do
     assert loaded.model.num_parameters() == 35_648
 
@@ -171,7 +173,7 @@ def test_vocab_size_smaller_than_the_data_is_refused(data_dir: Path, tmp_path: P
         train(config_for(data_dir, tmp_path / "r", vocab_size=40))
     # A larger one is fine (e.g. padded to a multiple of 64 for speed).
     result = train(config_for(data_dir, tmp_path / "r", vocab_size=64, max_steps=1))
-    assert ckpt.read_state(result.checkpoint)["model_config"]["vocab_size"] == 64
+    assert ckpt.read_state(result.checkpoint).model.vocab_size == 64
 
 
 def test_missing_data_is_one_clear_error(tmp_path: Path) -> None:
@@ -251,7 +253,8 @@ def test_window_stream_resumes_exactly(
     for _ in range(steps_before):
         original.next_starts()
     restored = WindowStream(windows, 12, seed=12345, stride=stride)
-    restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    saved = json.loads(original.state_dict().model_dump_json())
+    restored.load_state_dict(DataPosition.model_validate(saved))
     for _ in range(3):
         assert np.array_equal(original.next_starts(), restored.next_starts())
 
@@ -293,14 +296,11 @@ def test_resume_config_keeps_the_saved_run_and_takes_explicit_options(tmp_path: 
     given_ = parse_config(
         TrainConfig, ["--resume", "--run-dir", str(tmp_path / "r"), "--max-tokens", "10000"]
     )
-    merged = merge_resume_config(given_, saved.model_dump(mode="json"))
+    merged = merge_resume_config(given_, saved)
     assert merged.model.d_model == 32 and merged.lr == 0.01 and merged.resume
     assert merged.max_tokens == 10_000 and merged.max_steps is None
     with pytest.raises(UsageError, match="--min-lr"):
-        merge_resume_config(
-            parse_config(TrainConfig, ["--resume", "--lr", "1e-4"]),
-            saved.model_dump(mode="json"),
-        )
+        merge_resume_config(parse_config(TrainConfig, ["--resume", "--lr", "1e-4"]), saved)
 
 
 def test_step_loss_matches_a_plain_forward(data_dir: Path, tmp_path: Path) -> None:

@@ -212,6 +212,11 @@ class TrainConfig(CommandConfig):
         description="Continue the run in --run-dir from its latest checkpoint, with its saved "
         "config (options given now override it).",
     )
+    resume_from: Path | None = Field(
+        None,
+        description="Continue the run from this checkpoint folder of --run-dir instead of the "
+        "latest (e.g. when the latest is damaged); implies --resume.",
+    )
 
     @model_validator(mode="after")
     def _lr_range(self) -> TrainConfig:

@@ -1,10 +1,9 @@
-"""Device, precision and distributed set-up, in one place.
+"""Device and precision choices, in one place (the process group is distributed.py's).
 
 `--device auto` picks cuda > mps > cpu. Precision `auto` for training picks bf16 autocast where the
 hardware runs it fast (CUDA Ampere or newer, CPUs with AMX or AVX512-BF16), fp16 with a gradient
 scaler on older CUDA, fp32 otherwise. Decoding has its own policy (`resolve_decode_dtype`), set
 from benchmarks/bench_generate.py: batch-1 decoding is bound by streaming the weights.
-Distributed runs are launched by torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK.
 """
 
 from __future__ import annotations
@@ -13,10 +12,8 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from mllm.errors import MllmError, UsageError
 
@@ -144,46 +141,3 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
-
-
-@dataclass(frozen=True)
-class DistributedInfo:
-    """Where this process sits in a torchrun job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 alone prints and writes files."""
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def distributed_from_env() -> DistributedInfo:
-    """Read torchrun's environment variables (absent: a single process)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistributedInfo(
-        rank=int(os.environ.get("RANK", "0")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=world_size,
-    )
-
-
-def init_distributed(device: torch.device, info: DistributedInfo) -> None:
-    """Join the process group torchrun set up: NCCL on CUDA, gloo otherwise."""
-    if not info.enabled or dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
-
-
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -21,14 +21,19 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mllm.config import EvalConfig
 from mllm.console import warn
+from mllm.data.datadir import DATA_JSON
 from mllm.data.loader import TokenWindows
-from mllm.data.meta import DATA_JSON, DataMeta, check_split_bin, load_data_meta
+from mllm.data.meta import DataMeta, check_split_bin, load_data_meta
 from mllm.errors import MllmError, UsageError
+
+if TYPE_CHECKING:
+    from mllm.train.checkpoint import DataIdentity
 
 BYTES_CHUNK = 1 << 24  # tokens per chunk when counting bytes over a memmap
 
@@ -90,22 +95,22 @@ def resolve_split(config: EvalConfig) -> EvalSplit:
     return EvalSplit(str(path), path, meta)
 
 
-def check_same_tokenizer(split: EvalSplit, trained_on: dict, checkpoint: Path) -> None:
+def check_same_tokenizer(split: EvalSplit, trained_on: DataIdentity, checkpoint: Path) -> None:
     """Refuse tokens packed with another tokenizer than the one the checkpoint learned."""
-    expected = trained_on.get("tokenizer_sha256")
+    expected = trained_on.tokenizer_sha256
     if expected and split.meta.tokenizer_sha256 != expected:
         raise MllmError(
             f"{split.path} was packed with tokenizer sha256 {split.meta.tokenizer_sha256[:12]}…, "
             f"but {checkpoint} was trained with {expected[:12]}…: evaluate on data packed with "
             "the run's tokenizer (see the run dir's data.json)"
         )
-    vocab = trained_on.get("vocab_size")
-    if vocab is not None and split.meta.vocab_size != vocab:
+    vocab = trained_on.vocab_size
+    if split.meta.vocab_size != vocab:
         raise MllmError(
             f"{split.path} has vocab size {split.meta.vocab_size}, but {checkpoint} was trained "
             f"on vocab size {vocab}: evaluate on data packed with the run's tokenizer"
         )
-    pack_id = trained_on.get("pack_id")
+    pack_id = trained_on.pack_id
     if pack_id and split.meta.pack_id != pack_id:
         warn(
             f"{split.path} is not from the pack {checkpoint} trained on (pack_id {pack_id} vs "
@@ -192,7 +197,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     loss = total_nats / scored
     return EvalResult(
         checkpoint=str(checkpoint),
-        step=loaded.state.get("step"),
+        step=loaded.state.step,
         split=split.name,
         loss=loss,
         perplexity=math.exp(min(loss, 700.0)),

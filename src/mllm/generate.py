@@ -148,7 +148,9 @@ def run_generate(config: GenerateConfig) -> None:
             f"({context}): only its last {context} tokens are used"
         )
     prompt_ids = fit_prompt(prompt_ids, context)
-    eot_id = loaded.data.get("eot_id", tokenizer.token_to_id(EOT_TEXT))
+    eot_id = loaded.data.eot_id
+    if eot_id is None:
+        eot_id = tokenizer.token_to_id(EOT_TEXT)
     vocab = model.token_embedding.num_embeddings
     table = token_byte_table(tokenizer)
     table += [b""] * max(0, vocab - len(table))  # ids the model has but the tokenizer lacks

@@ -503,7 +503,7 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
 
     from mllm.device import decode_threads, pick_device, resolve_decode_dtype
     from mllm.textstream import token_byte_table
-    from mllm.train.checkpoint import load_checkpoint, load_run_tokenizer, run_dir_of
+    from mllm.train.checkpoint import STATE, load_checkpoint, load_run_tokenizer, run_dir_of
 
     device = pick_device(config.device)
     dtype = resolve_decode_dtype(config.dtype, device)
@@ -519,14 +519,14 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
     engine = Engine(
         loaded.model,
         token_byte_table(tokenizer),
-        eot_id=loaded.data.get("eot_id"),
+        eot_id=loaded.data.eot_id,
         max_batch_size=config.max_batch_size,
         max_waiting=config.max_waiting,
     )
     name = config.model_name or run_dir_of(checkpoint).resolve().name or "mllm"
     return ServedModel(
         name=name,
-        created=int((checkpoint / "state.json").stat().st_mtime),
+        created=int((checkpoint / STATE).stat().st_mtime),
         context=loaded.config.context,
         vocab_size=vocab_size,
         tokenizer=tokenizer,

@@ -1,4 +1,5 @@
-"""Checkpoints: how a training run is saved, found and loaded again.
+"""The run dir: how a training run is saved, found and loaded again. This module owns its layout
+and its files (the typed run state `RunState` is state.json).
 
 Layout of a run dir:
 
@@ -11,7 +12,7 @@ Layout of a run dir:
         step_000100/
           model.safetensors  weights of the unwrapped model (no pickle in what users share)
           trainer.pt         optimizer, scaler and RNG states (only needed to resume)
-          state.json         step, tokens seen, data position, val/best loss, configs, data identity
+          state.json         RunState: step, tokens, data position, losses, config, data identity
         best.json          {"checkpoint": "step_000100", "val_loss": ...}: the best by val loss
 
 A checkpoint folder is written under a temporary name and renamed into place, so a folder named
@@ -26,20 +27,32 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
-from mllm.config import ModelConfig
+from mllm import __version__
+from mllm.config import ModelConfig, TrainConfig
+from mllm.console import warn
+from mllm.data.datadir import DATA_JSON, TOKENIZER, data_json_path, tokenizer_path
+from mllm.data.meta import DataMeta
 from mllm.errors import MllmError
-from mllm.fileio import atomic_write_json, ensure_writable_dir, fsync_dir, read_json
+from mllm.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    ensure_writable_dir,
+    fsync_dir,
+    read_json,
+    sha256_file,
+)
 from mllm.model import GPT
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.json"
-RUN_DATA = "data.json"
-RUN_TOKENIZER = "tokenizer.json"
+RUN_DATA = DATA_JSON  # copies of the data dir's, under the same names
+RUN_TOKENIZER = TOKENIZER
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 WEIGHTS = "model.safetensors"
@@ -48,6 +61,135 @@ STATE = "state.json"
 BEST = "best.json"
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
 REPLACED_PREFIX = ".old-"  # a step_N being replaced by a new save of the same step
+
+
+# --- state.json: the typed run state ------------------------------------------------------------
+
+
+class DataPosition(BaseModel):
+    """Where the run is in its stream of training windows (resume.WindowStream's state)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    order: Literal["random", "strided"]
+    stride: int | None = None
+    windows_drawn: int = Field(ge=0)
+    next_window: int = Field(0, ge=0, description="Ordered windows: the next one's index.")
+    generator: dict[str, Any] = Field(description="numpy PCG64 state (random windows).")
+
+
+class DataIdentity(BaseModel):
+    """What a checkpoint records of the data it trained on: eval, generate and serve check the
+    tokenizer against it, resume checks the pack."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pack_id: str
+    tokenizer_sha256: str
+    vocab_size: int = Field(ge=1)
+    eot_id: int | None = None
+    dtype: Literal["uint16", "uint32"]
+
+    @classmethod
+    def of(cls, meta: DataMeta) -> DataIdentity:
+        return cls(
+            pack_id=meta.pack_id,
+            tokenizer_sha256=meta.tokenizer_sha256,
+            vocab_size=meta.vocab_size,
+            eot_id=meta.eot_id,
+            dtype=meta.dtype,
+        )
+
+
+class RunState(BaseModel):
+    """state.json: everything about a checkpoint but its tensors.
+
+    The model's shape is `train_config.model` (stored once); a state.json written by mllm 0.1.0,
+    which also stored it beside the train config as `model_config`, still loads.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0, description="Optimizer steps done.")
+    tokens_seen: int = Field(ge=0)
+    total_steps: int = Field(ge=0, description="Steps the run plans in all (the schedule's end).")
+    elapsed: float = Field(0.0, ge=0, description="Wall seconds of the run so far.")
+    val_loss: float | None = Field(None, description="Validation loss at this step, if measured.")
+    best_val_loss: float | None = None
+    world_size: int = Field(1, ge=1, description="Processes that trained it.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(description="Training precision.")
+    data_position: DataPosition
+    train_config: TrainConfig = Field(description="The resolved config (model shape included).")
+    data: DataIdentity
+    mllm_version: str = __version__
+    torch_version: str = Field(default_factory=lambda: torch.__version__)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_config_stored_once(cls, data: Any) -> Any:
+        """mllm 0.1.0 stored the model config twice: the train config's copy is the same one."""
+        if isinstance(data, dict) and "model_config" in data:
+            data = dict(data)
+            model = data.pop("model_config")
+            if isinstance(data.get("train_config"), dict):
+                data["train_config"] = {**data["train_config"], "model": model}
+        return data
+
+    @property
+    def model(self) -> ModelConfig:
+        """The model's shape (vocab size resolved)."""
+        return self.train_config.model
+
+
+class DamagedCheckpoint(MllmError):
+    """A file of a checkpoint cannot be read. The message names the file and the way out; eval,
+    generate and serve take another --checkpoint, train a --resume-from (see `way_out`)."""
+
+    def __init__(self, file: Path, reason: str) -> None:
+        self.file = file
+        self.reason = reason
+        super().__init__(self.describe(resuming=False))
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.file.parent
+
+    def describe(self, resuming: bool) -> str:
+        previous = previous_checkpoint(self.checkpoint)
+        if resuming:
+            way_out = (
+                f"resume from the previous complete checkpoint with `--resume-from {previous}`"
+                if previous is not None
+                else "no earlier checkpoint is left to resume from: start a new --run-dir"
+            )
+        else:
+            way_out = (
+                f"use another checkpoint, e.g. --checkpoint {previous}"
+                if previous
+                else ("use another checkpoint (--checkpoint)")
+            )
+        return f"{self.file} is damaged ({self.reason}): {way_out}"
+
+
+def previous_checkpoint(checkpoint: Path) -> Path | None:
+    """The complete checkpoint of the same run saved before `checkpoint` (None: none)."""
+    step = step_of(checkpoint)
+    if step is None:
+        return None
+    earlier = [path for path in list_checkpoints(run_dir_of(checkpoint)) if step_of(path) < step]
+    return earlier[-1] if earlier else None
+
+
+def step_of(checkpoint: Path) -> int | None:
+    """N of a step_N folder (or of the .old-step_N standing in for it); None for other names."""
+    match = STEP_PATTERN.match(checkpoint.name.removeprefix(REPLACED_PREFIX))
+    return int(match.group(1)) if match else None
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first sentence (torch's zip reader appends a paragraph of advice)."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
 
 
 def checkpoint_name(step: int) -> str:
@@ -66,9 +208,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found: dict[int, Path] = {}
     for child in sorted(folder.iterdir(), key=lambda path: path.name.startswith(REPLACED_PREFIX)):
-        match = STEP_PATTERN.match(child.name.removeprefix(REPLACED_PREFIX))
-        if match and (child / STATE).is_file() and (child / WEIGHTS).is_file():
-            found.setdefault(int(match.group(1)), child)  # step_N first, so it wins
+        step = step_of(child)
+        if step is not None and (child / STATE).is_file() and (child / WEIGHTS).is_file():
+            found.setdefault(step, child)  # step_N first, so it wins
     return [found[step] for step in sorted(found)]
 
 
@@ -113,8 +255,21 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent
 
 
-def read_state(checkpoint: str | Path) -> dict[str, Any]:
-    return read_json(Path(checkpoint) / STATE, f"checkpoint {STATE}")
+def read_state(checkpoint: str | Path) -> RunState:
+    """The checkpoint's state.json, validated; a damaged one is one line naming it."""
+    path = Path(checkpoint) / STATE
+    try:
+        data = read_json(path, f"checkpoint {STATE}")
+    except MllmError as e:
+        if not path.is_file():
+            raise
+        raise DamagedCheckpoint(path, "not valid JSON") from e
+    try:
+        return RunState.model_validate(data)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise DamagedCheckpoint(path, f"{where}: {problem['msg']}") from None
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -126,18 +281,19 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
             f"{checkpoint} has no {TRAINER_STATE} (optimizer and RNG state), so it cannot be "
             "resumed; start a new --run-dir (eval/generate/serve can still use its weights)"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def model_config_of(state: dict[str, Any]) -> ModelConfig:
-    return ModelConfig.model_validate(state["model_config"])
+    try:
+        trainer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle weights_only refuses, ...
+        raise DamagedCheckpoint(path, first_line(e)) from None
+    if not isinstance(trainer, dict) or not {"optimizer", "rng"} <= trainer.keys():
+        raise DamagedCheckpoint(path, "it lacks the optimizer or RNG state")
+    return trainer
 
 
 def write_checkpoint(
     run_dir: str | Path,
-    step: int,
     model: GPT,
-    state: dict[str, Any],
+    state: RunState,
     trainer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step_N atomically (temporary folder, fsync, rename) and return it.
@@ -146,7 +302,7 @@ def write_checkpoint(
     no `module.` or `_orig_mod.` prefixes.
     """
     parent = ensure_writable_dir(checkpoints_dir(run_dir))
-    final = parent / checkpoint_name(step)
+    final = parent / checkpoint_name(state.step)
     tmp = parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -155,7 +311,7 @@ def write_checkpoint(
         save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
-        atomic_write_json(tmp / STATE, state)
+        atomic_write_json(tmp / STATE, state.model_dump(mode="json"))
         fsync_dir(tmp)
         # Re-saving the same step (e.g. a signal right after an interval save) swaps by renames,
         # so a complete copy exists at every moment (list_checkpoints reads the .old- one if a
@@ -195,10 +351,7 @@ def load_weights(checkpoint: str | Path, model: GPT) -> None:
     try:
         weights = load_file(Path(checkpoint) / WEIGHTS)
     except Exception as e:  # safetensors raises its own error type for a truncated/corrupt file
-        raise MllmError(
-            f"{Path(checkpoint) / WEIGHTS} is damaged ({str(e).splitlines()[0]}): "
-            "use another checkpoint (--checkpoint)"
-        ) from None
+        raise DamagedCheckpoint(Path(checkpoint) / WEIGHTS, first_line(e)) from None
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # a shape mismatch
@@ -218,16 +371,16 @@ class LoadedCheckpoint:
 
     path: Path
     model: GPT
-    state: dict[str, Any]
+    state: RunState
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
 
     @property
-    def data(self) -> dict[str, Any]:
+    def data(self) -> DataIdentity:
         """Identity of the data it trained on (tokenizer_sha256, vocab_size, eot_id, ...)."""
-        return self.state["data"]
+        return self.state.data
 
 
 def load_checkpoint(
@@ -239,9 +392,8 @@ def load_checkpoint(
     """Build the model a checkpoint describes, load its weights, move it to device/dtype, eval()."""
     checkpoint = Path(checkpoint)
     state = read_state(checkpoint)
-    config = model_config_of(state)
     with torch.device("meta"):
-        model = model_factory(config)
+        model = model_factory(state.model)
     model = model.to_empty(device="cpu")
     load_weights(checkpoint, model)
     model = model.to(device=device, dtype=dtype).eval()
@@ -252,12 +404,11 @@ def load_run_tokenizer(loaded: LoadedCheckpoint, tokenizer: str | Path | None = 
     """The tokenizer a checkpoint was trained with: `tokenizer` if given, else the copy in its run
     dir; refused with one clear line when its sha256 differs from the one training recorded."""
     from mllm.data.tokenizer import load_tokenizer
-    from mllm.fileio import sha256_file
 
-    path = Path(tokenizer) if tokenizer is not None else run_dir_of(loaded.path) / "tokenizer.json"
+    path = Path(tokenizer) if tokenizer is not None else run_dir_of(loaded.path) / RUN_TOKENIZER
     if not path.is_file():
         raise MllmError(f"tokenizer not found: {path} (pass --tokenizer PATH)")
-    expected = loaded.data.get("tokenizer_sha256")
+    expected = loaded.data.tokenizer_sha256
     actual = sha256_file(path)
     if expected and actual != expected:
         raise MllmError(
@@ -265,3 +416,41 @@ def load_run_tokenizer(loaded: LoadedCheckpoint, tokenizer: str | Path | None = 
             f"with (sha256 {expected[:12]}…): pass the run's own tokenizer.json"
         )
     return load_tokenizer(path)
+
+
+# --- The run dir's other files ----------------------------------------------------------------
+
+
+def tokenizer_packed_the_bins(data_dir: Path, meta: DataMeta) -> bool | None:
+    """Whether DATA_DIR/tokenizer.json is the one the bins were packed with (None: there is
+    none). A new run refuses False (`mllm tokenize` re-run after `mllm pack`): it could never be
+    sampled, since the tokenizer its ids mean is gone."""
+    tokenizer = tokenizer_path(data_dir)
+    if not tokenizer.is_file():
+        return None
+    return sha256_file(tokenizer) == meta.tokenizer_sha256
+
+
+def write_run_files(config: TrainConfig, tokenizer_matches: bool | None) -> None:
+    """config.json (the resolved config), and copies of data.json and tokenizer.json (when it is
+    the one the bins were packed with), so the run dir alone is enough for eval, generate and
+    serve."""
+    run_dir = config.run_dir
+    # Without the resume options, so the file can start a new run as --config (flags win).
+    saved = config.model_dump(mode="json", exclude={"resume", "resume_from"})
+    atomic_write_json(run_dir / RUN_CONFIG, saved)
+    atomic_write_bytes(run_dir / RUN_DATA, data_json_path(config.data_dir).read_bytes())
+    tokenizer = tokenizer_path(config.data_dir)
+    if tokenizer_matches is None:
+        warn(f"no {tokenizer}: generate and serve will need --tokenizer")
+    elif not tokenizer_matches:  # only on --resume: a new run refuses it
+        warn(f"{tokenizer} changed since the bins were packed: the run dir's copy is kept")
+    else:
+        atomic_write_bytes(run_dir / RUN_TOKENIZER, tokenizer.read_bytes())
+
+
+def trainer_state(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rng: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """trainer.pt's payload: what only a resume needs (rng: every rank's RNG states)."""
+    return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng}

@@ -97,3 +97,8 @@ def remember_best_peak(key: str, measured: float) -> float:
     with contextlib.suppress(Exception):  # e.g. a read-only home: MFU works, without memory
         atomic_write_json(path, known)
     return measured
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name (it picks the peak FLOP/s from a table), else ""."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""

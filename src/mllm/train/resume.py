@@ -28,6 +28,7 @@ import torch
 from pydantic import ValidationError
 
 from mllm.config import ModelConfig, TrainConfig
+from mllm.data.datadir import data_json_path
 from mllm.data.loader import TokenWindows
 from mllm.data.meta import DataMeta
 from mllm.errors import MllmError, UsageError
@@ -63,30 +64,28 @@ class WindowStream:
         self.windows_drawn += self.global_batch
         return starts
 
-    def state_dict(self) -> dict[str, Any]:
-        """The stream's position, JSON-serialisable (the generator state holds 128-bit ints)."""
-        return {
-            "order": self.order,
-            "stride": self.stride,
-            "windows_drawn": self.windows_drawn,
-            "next_window": self.next_window,
-            "generator": self.rng.bit_generator.state,
-        }
+    def state_dict(self) -> ckpt.DataPosition:
+        """The stream's position (state.json's data_position)."""
+        return ckpt.DataPosition(
+            order=self.order,
+            stride=self.stride,
+            windows_drawn=self.windows_drawn,
+            next_window=self.next_window,
+            generator=self.rng.bit_generator.state,
+        )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: ckpt.DataPosition) -> None:
         """Continue from a saved position; switching between random and ordered windows (or the
         stride) in the middle of a run is refused, since the saved position means nothing then."""
-        if state.get("order") != self.order or state.get("stride") != self.stride:
-            saved = (
-                "random windows" if state.get("stride") is None else f"--stride {state['stride']}"
-            )
+        if state.order != self.order or state.stride != self.stride:
+            saved = "random windows" if state.stride is None else f"--stride {state.stride}"
             raise UsageError(
                 f"--stride: the checkpoint was trained with {saved}; resume with the same "
                 "--stride (or start a new --run-dir)"
             )
-        self.rng.bit_generator.state = state["generator"]
-        self.next_window = int(state["next_window"])
-        self.windows_drawn = int(state["windows_drawn"])
+        self.rng.bit_generator.state = state.generator
+        self.next_window = state.next_window
+        self.windows_drawn = state.windows_drawn
 
 
 def rank_micro_starts(
@@ -125,9 +124,18 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
 # --- Resuming: which checkpoint, with which config, and what may not change ---------------------
 
 
-def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint a run continues from (None: a new run), refusing the two mistakes: --resume
-    where there is nothing to resume, and a new run over an existing one (never overwritten)."""
+def checkpoint_to_resume(run_dir: Path, resume: bool, resume_from: Path | None) -> Path | None:
+    """The checkpoint a run continues from (None: a new run), refusing the mistakes: --resume
+    where there is nothing to resume, a --resume-from that is not a checkpoint of --run-dir, and
+    a new run over an existing one (never overwritten)."""
+    if resume_from is not None:
+        found = ckpt.find_checkpoint(run_dir, resume_from)
+        if run_dir_of_resolved(found) != Path(run_dir).resolve():
+            raise UsageError(
+                f"--resume-from {resume_from} is not a checkpoint of --run-dir {run_dir}: pass "
+                "the run dir it belongs to"
+            )
+        return found
     latest = ckpt.latest_checkpoint(run_dir)
     if resume:
         if latest is None:
@@ -144,7 +152,11 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
-def merge_resume_config(given: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
+def run_dir_of_resolved(checkpoint: Path) -> Path:
+    return ckpt.run_dir_of(checkpoint.resolve())
+
+
+def merge_resume_config(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
     """The config of a resumed run: the run's saved config, with the options given explicitly
     this time (flags or --config file) on top.
 
@@ -152,7 +164,7 @@ def merge_resume_config(given: TrainConfig, saved: dict[str, Any]) -> TrainConfi
     extends it; giving one of --max-steps / --max-tokens replaces the other.
     """
     explicit = given.model_dump(exclude_unset=True)
-    merged = {**saved, "model": dict(saved.get("model") or {})}
+    merged = saved.model_dump(exclude={"resume", "resume_from"})
     for key, value in explicit.items():
         if key == "model":
             merged["model"].update(value)
@@ -163,6 +175,7 @@ def merge_resume_config(given: TrainConfig, saved: dict[str, Any]) -> TrainConfi
         merged["max_tokens"] = explicit.get("max_tokens")
     merged["run_dir"] = str(given.run_dir)
     merged["resume"] = True
+    merged["resume_from"] = given.resume_from
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as e:
@@ -175,13 +188,13 @@ def merge_resume_config(given: TrainConfig, saved: dict[str, Any]) -> TrainConfi
         ) from None
 
 
-def check_same_model(model_config: ModelConfig, state: dict[str, Any], checkpoint: Path) -> None:
+def check_same_model(model_config: ModelConfig, state: ckpt.RunState, checkpoint: Path) -> None:
     """Refuse (exit 2) a resume whose model shape differs from the checkpoint's; dropout may change.
 
     --context is the size of the position table, so a longer --context than the checkpoint's is
     named as such.
     """
-    saved = ckpt.model_config_of(state)
+    saved = state.model
     if model_config.context > saved.context:
         raise UsageError(
             f"--context {model_config.context} is longer than the position table of {checkpoint} "
@@ -200,27 +213,13 @@ def check_same_model(model_config: ModelConfig, state: dict[str, Any], checkpoin
             )
 
 
-def check_same_data(
-    meta: DataMeta, data_dir: Path, state: dict[str, Any], checkpoint: Path
-) -> None:
+def check_same_data(meta: DataMeta, data_dir: Path, state: ckpt.RunState, checkpoint: Path) -> None:
     """Refuse (exit 1) resuming onto different packed data: the data position would be
     meaningless and the tokenizer may differ."""
-    saved = state.get("data", {}).get("pack_id")
+    saved = state.data.pack_id
     if saved != meta.pack_id:
         raise MllmError(
-            f"{data_dir / 'data.json'} is pack {meta.pack_id!s:.16} but {checkpoint} trained on "
+            f"{data_json_path(data_dir)} is pack {meta.pack_id!s:.16} but {checkpoint} trained on "
             f"pack {saved!s:.16}: resume with the --data-dir it trained on, or start a new "
             "--run-dir"
         )
-
-
-def data_identity(meta: DataMeta) -> dict[str, Any]:
-    """What a checkpoint records of its data: eval/generate/serve check the tokenizer against it,
-    resume checks the pack."""
-    return {
-        "pack_id": meta.pack_id,
-        "tokenizer_sha256": meta.tokenizer_sha256,
-        "vocab_size": meta.vocab_size,
-        "eot_id": meta.eot_id,
-        "dtype": meta.dtype,
-    }

@@ -1,0 +1,128 @@
+"""Deciding a training run before any work: the resolved config (a resume takes the run's saved
+one, with the options given now on top), how many steps it plans, and every refusal (a resume onto
+another model shape or other data, a context longer than the data, a tokenizer changed after
+packing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from mllm.config import ModelConfig, TrainConfig
+from mllm.console import warn
+from mllm.data.datadir import bin_path, tokenizer_path
+from mllm.data.meta import DataMeta, check_bins, load_data_meta
+from mllm.distributed import DistributedInfo, on_rank0
+from mllm.errors import MllmError, UsageError
+from mllm.train import checkpoint as ckpt
+from mllm.train.resume import (
+    check_same_data,
+    check_same_model,
+    checkpoint_to_resume,
+    merge_resume_config,
+)
+
+DEFAULT_MAX_STEPS = 5000
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `decide_run` settled: the config to train with, and where it resumes from."""
+
+    config: TrainConfig  # resolved: the saved config on --resume, vocab_size filled in
+    meta: DataMeta
+    resume_from: Path | None
+    state: ckpt.RunState | None  # the checkpoint's, on --resume
+    tokenizer_matches: bool | None  # DATA_DIR/tokenizer.json packed the bins (None: absent)
+    tokens_per_step: int
+    total_steps: int
+
+
+def decide_run(config: TrainConfig, dist_info: DistributedInfo) -> RunPlan:
+    """Resolve the config (a resume takes the run's saved one, with the options given now on top)
+    and refuse anything that does not fit together, before any work starts."""
+    resume = config.resume or config.resume_from is not None
+    resume_from = on_rank0(
+        lambda: checkpoint_to_resume(config.run_dir, resume, config.resume_from), dist_info
+    )
+    state = None
+    if resume_from is not None:
+        state = load_resume_file(lambda: ckpt.read_state(resume_from))
+    if state is not None:
+        config = merge_resume_config(config, state.train_config)
+
+    meta = load_data_meta(config.data_dir)
+    check_bins(config.data_dir, meta)
+    tokenizer_matches = ckpt.tokenizer_packed_the_bins(config.data_dir, meta)
+    if state is None and tokenizer_matches is False:
+        raise MllmError(
+            f"{tokenizer_path(config.data_dir)} is not the tokenizer the bins in "
+            f"{config.data_dir} were packed with (did `mllm tokenize` run after `mllm pack`?): "
+            f"re-run `mllm pack --data-dir {config.data_dir}`"
+        )
+    model_config = resolve_model_config(config.model, meta)
+    if state is not None and resume_from is not None:
+        check_same_model(model_config, state, resume_from)
+        check_same_data(meta, config.data_dir, state, resume_from)
+    for split in ("train", "val"):
+        check_context_fits(config.data_dir, meta, split, model_config.context)
+    config = config.model_copy(update={"model": model_config})
+
+    tokens_per_step = config.batch_size * dist_info.world_size * config.grad_accum
+    tokens_per_step *= model_config.context
+    total_steps = total_steps_for(config, tokens_per_step)
+    if config.warmup_steps > total_steps and dist_info.is_main:  # warmup reaches lr at its end
+        warn(
+            f"--warmup-steps {config.warmup_steps} is more than the {total_steps} steps of the "
+            "run: the learning rate never reaches --lr (lower --warmup-steps)"
+        )
+    return RunPlan(
+        config, meta, resume_from, state, tokenizer_matches, tokens_per_step, total_steps
+    )
+
+
+def resolve_model_config(model: ModelConfig, meta: DataMeta) -> ModelConfig:
+    """The model config with vocab_size filled from data.json; a smaller --vocab-size than the
+    data's is refused (token ids would index past the embedding)."""
+    if model.vocab_size is None:
+        return model.model_copy(update={"vocab_size": meta.vocab_size})
+    if model.vocab_size < meta.vocab_size:
+        raise UsageError(
+            f"--vocab-size {model.vocab_size} is smaller than the data's vocabulary "
+            f"({meta.vocab_size}, from data.json): leave --vocab-size out to use the data's, or "
+            "raise it"
+        )
+    return model
+
+
+def check_context_fits(data_dir: Path, meta: DataMeta, split: str, context: int) -> None:
+    """A --context that not even one window of the split can fill is a bad flag value (exit 2)."""
+    tokens = meta.split(split).tokens
+    if tokens < context + 1:
+        longest = f"use --context {tokens - 1} or less, or " if tokens > 1 else ""
+        raise UsageError(
+            f"--context {context}: {bin_path(data_dir, split)} holds {tokens} tokens, fewer than "
+            f"one window (context + 1): {longest}pack more text"
+        )
+
+
+def total_steps_for(config: TrainConfig, tokens_per_step: int) -> int:
+    """--max-steps, or --max-tokens rounded up to whole steps, or the default."""
+    if config.max_steps is not None:
+        return config.max_steps
+    if config.max_tokens is not None:
+        return -(-config.max_tokens // tokens_per_step)
+    return DEFAULT_MAX_STEPS
+
+
+def load_resume_file(load: Callable[[], T]) -> T:
+    """Read a file of the checkpoint being resumed; a damaged one names --resume-from."""
+    try:
+        return load()
+    except ckpt.DamagedCheckpoint as e:
+        raise MllmError(e.describe(resuming=True)) from None
