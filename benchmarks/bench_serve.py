@@ -8,8 +8,10 @@ Prints ONE JSON line: per client count, requests/s, generated tokens/s, p50/p99 
 first token, and errors; and the ratio of generated tokens/s with N clients to that with 1
 (continuous batching at work). The clients run on the same cores as the server. Each round
 also runs `mllm generate` on the same run with the server's thread count, so the one-client
-decode rate (tokens/s after the first token of each request) stands beside generate's own
-figure: the two share one decode path (mllm.decode), and serve at one client must be as fast.
+decode rate stands beside generate's own figure (tokens/s after the first token): as the client
+sees it (the HTTP streaming, and the client itself, share the cores with the decode thread) and
+as the server's decode thread spends it (/health's counters). The two share one decode path
+(mllm.decode), and serve at one client must decode as fast.
 
 Weights are random unless --run-dir names a trained run: decoding cost does not depend on what
 the weights are (every request decodes exactly max_tokens: the random model is kept from ending
@@ -143,6 +145,8 @@ class Phase:
     latency: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
     decode: list[float] = field(default_factory=list)  # tokens/s after the first, per request
+    engine_tokens: int = 0  # tokens the server's decode steps produced (its /health counters)
+    engine_seconds: float = 0.0  # and the time those steps took
 
 
 async def drive(url: str, model: str, clients: int, seconds: float, max_tokens: int) -> Phase:
@@ -208,7 +212,16 @@ def summarize(phases: list[Phase]) -> dict[str, Any]:
         "decode_tokens_per_s_after_first_p50": round(
             quantile([x for phase in phases for x in phase.decode], 0.5), 1
         ),
+        "engine_decode_tokens_per_s": round(
+            statistics.median(p.engine_tokens / p.engine_seconds for p in phases), 1
+        ),
     }
+
+
+def engine_counters(url: str) -> tuple[int, float]:
+    """(tokens decoded, seconds spent decoding) so far, from the server's /health."""
+    health = httpx.get(url + "/health").json()
+    return health["decoded_tokens"], health["decode_seconds"]
 
 
 GENERATE_RATE = re.compile(r"([\d.]+) tokens/s after")
@@ -259,7 +272,11 @@ def main() -> None:
             generate_rates: list[float] = []
             for round_index in range(args.rounds):  # interleaved: load changes hit all alike
                 for n in args.clients:
+                    tokens, seconds = engine_counters(server.url)
                     phase = asyncio.run(drive(server.url, model, n, args.seconds, args.max_tokens))
+                    tokens_after, seconds_after = engine_counters(server.url)
+                    phase.engine_tokens = tokens_after - tokens
+                    phase.engine_seconds = seconds_after - seconds
                     phases[n].append(phase)
                 # `mllm generate` with the server's thread count, while the server idles
                 prompt = PROMPTS[round_index % len(PROMPTS)]
@@ -269,6 +286,7 @@ def main() -> None:
     results = [summarize(phases[n]) for n in args.clients]
     base = results[0]["generated_tokens_per_s"]
     one_client = results[0]["decode_tokens_per_s_after_first_p50"]
+    one_client_engine = results[0]["engine_decode_tokens_per_s"]
     generate = statistics.median(generate_rates)
     report = {
         "bench": "serve",
@@ -282,9 +300,11 @@ def main() -> None:
         "one_client_vs_generate": {
             "clients": args.clients[0],
             "serve_decode_tokens_per_s": one_client,
+            "serve_engine_decode_tokens_per_s": one_client_engine,
             "generate_decode_tokens_per_s": round(generate, 1),
             "generate_by_round": generate_rates,
             "ratio": round(one_client / generate, 3) if generate else None,
+            "engine_ratio": round(one_client_engine / generate, 3) if generate else None,
         },
         "errors": sum(r["errors"] for r in results),
         f"tokens_per_s_ratio_{args.clients[-1]}_vs_{args.clients[0]}": round(

@@ -90,6 +90,7 @@ def test_a_damaged_trainer_pt_names_the_file_and_resume_from(legacy: Path, run_c
     again = run_cli(*resume, "12", "--resume-from", "run/checkpoints/step_000006", cwd=legacy)
     assert again.returncode == 0, again.stderr
     assert ckpt.read_state(legacy / "run" / "checkpoints" / "step_000012").step == 12
+    ckpt.read_trainer_state(damaged.parent)  # the later, damaged step 9 was removed and saved anew
 
 
 def test_damaged_weights_or_state_name_the_file_in_every_command(legacy: Path, run_cli) -> None:

@@ -34,7 +34,3 @@ def tokenizer_path(data_dir: Path) -> Path:
 
 def data_json_path(data_dir: Path) -> Path:
     return Path(data_dir) / DATA_JSON
-
-
-def bin_path(data_dir: Path, split: str) -> Path:
-    return Path(data_dir) / BINS[split]

@@ -52,6 +52,10 @@ class DataMeta(BaseModel):
             raise MllmError(f"unknown split {name!r}: use train or val")
         return self.train if name == "train" else self.val
 
+    def bin_path(self, data_dir: str | Path, name: str) -> Path:
+        """Where split `name`'s bin lies: the file data.json names, in `data_dir`."""
+        return Path(data_dir) / self.split(name).file
+
 
 def load_data_meta(data_dir: str | Path) -> DataMeta:
     """Read and check data_dir/data.json, or raise one clear MllmError saying to run `mllm pack`."""
@@ -84,7 +88,7 @@ def check_split_bin(data_dir: str | Path, meta: DataMeta, name: str) -> Path:
     """The path of split `name`'s bin, refused unless it exists with the size data.json says."""
     data_dir = Path(data_dir)
     split = meta.split(name)
-    path = data_dir / split.file
+    path = meta.bin_path(data_dir, name)
     if not path.is_file():
         raise MllmError(f"{path} not found: re-run `mllm pack --data-dir {data_dir}`")
     expected = split.tokens * meta.np_dtype.itemsize

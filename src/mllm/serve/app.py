@@ -387,6 +387,9 @@ def create_app(served: ServedModel) -> Any:
             "waiting": stats.waiting,
             "finished": stats.sequences_finished,
             "cancelled": stats.sequences_cancelled,
+            "decode_steps": stats.steps,
+            "decoded_tokens": stats.rows_decoded,
+            "decode_seconds": round(stats.decode_seconds, 6),
         }
 
     def model_card() -> ModelCard:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class EngineStats:
 
     steps: int = 0
     rows_decoded: int = 0  # sum of batch sizes over steps
+    decode_seconds: float = 0.0  # wall time of those steps (the model and sampling)
     sequences_finished: int = 0
     sequences_cancelled: int = 0
     waiting: int = 0
@@ -245,6 +247,7 @@ class Engine:
 
     def _step(self) -> None:
         """One token for every running row, all rows in one forward pass."""
+        started = time.perf_counter()
         rows = self._rows
         tokens = torch.tensor([row.next_token for row in rows], device=self.device)
         lengths = {row.length for row in rows}
@@ -259,6 +262,7 @@ class Engine:
         ).tolist()
         self.stats.steps += 1
         self.stats.rows_decoded += len(rows)
+        self.stats.decode_seconds += time.perf_counter() - started
         for row, token in zip(rows, next_tokens, strict=True):
             row.length += 1
             self._accept(row, token)

@@ -346,6 +346,15 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def remove_checkpoints_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Delete the checkpoints saved after `step` (a run resumed from an earlier checkpoint saves
+    those steps again: left in place, they would pass for its latest); return what was deleted."""
+    doomed = [path for path in list_checkpoints(run_dir) if (step_of(path) or 0) > step]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 def load_weights(checkpoint: str | Path, model: GPT) -> None:
     """Load model.safetensors into `model` (strict: every name and shape must match)."""
     try:

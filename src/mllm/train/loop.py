@@ -30,7 +30,6 @@ from torch import nn
 
 from mllm.config import TrainConfig
 from mllm.console import err_console, info, set_quiet, warn
-from mllm.data.datadir import bin_path
 from mllm.data.loader import TokenWindows
 from mllm.device import DTYPE_NAMES, pick_device, resolve_train_dtype
 from mllm.distributed import (
@@ -148,8 +147,8 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
     and write the run dir's files."""
     config, meta = plan.config, plan.meta
     context = config.model.context
-    train_windows = TokenWindows(bin_path(config.data_dir, "train"), meta.dtype, context)
-    val_windows = TokenWindows(bin_path(config.data_dir, "val"), meta.dtype, context)
+    train_windows = TokenWindows(meta.bin_path(config.data_dir, "train"), meta.dtype, context)
+    val_windows = TokenWindows(meta.bin_path(config.data_dir, "val"), meta.dtype, context)
     dtype = resolve_train_dtype(config.dtype, device)
     # Before seeding: on CPU / MPS the peak is measured with random matrices, which would
     # otherwise draw from the RNG that dropout uses (and a resumed run would draw differently).
@@ -188,6 +187,9 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
         torch.manual_seed(config.seed + dist_info.rank)  # weights are equal; dropout masks differ
 
     if dist_info.is_main:
+        if plan.resume_from is not None:
+            for later in ckpt.remove_checkpoints_after(config.run_dir, run.step):
+                info(f"removed {later}: saved after {plan.resume_from.name}, where the run resumes")
         ckpt.write_run_files(config, plan.tokenizer_matches)
         run.metrics.open(resume_step=run.step if plan.resume_from is not None else None)
     describe_run(run)

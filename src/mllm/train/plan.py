@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from mllm.config import ModelConfig, TrainConfig
 from mllm.console import warn
-from mllm.data.datadir import bin_path, tokenizer_path
+from mllm.data.datadir import tokenizer_path
 from mllm.data.meta import DataMeta, check_bins, load_data_meta
 from mllm.distributed import DistributedInfo, on_rank0
 from mllm.errors import MllmError, UsageError
@@ -106,8 +106,8 @@ def check_context_fits(data_dir: Path, meta: DataMeta, split: str, context: int)
     if tokens < context + 1:
         longest = f"use --context {tokens - 1} or less, or " if tokens > 1 else ""
         raise UsageError(
-            f"--context {context}: {bin_path(data_dir, split)} holds {tokens} tokens, fewer than "
-            f"one window (context + 1): {longest}pack more text"
+            f"--context {context}: {meta.bin_path(data_dir, split)} holds {tokens} tokens, "
+            f"fewer than one window (context + 1): {longest}pack more text"
         )
 
 
