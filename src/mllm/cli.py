@@ -15,6 +15,7 @@ from mllm.cliargs import CLICK_USAGE_ERROR, config_command
 from mllm.config import (
     CorpusConfig,
     EvalConfig,
+    ExportConfig,
     GenerateConfig,
     PackConfig,
     ServeConfig,
@@ -95,6 +96,15 @@ def generate(config: GenerateConfig) -> None:
     from mllm.generate import run_generate
 
     run_generate(config)
+
+
+@config_command(app, ExportConfig, name="export")
+def export(config: ExportConfig) -> None:
+    """Write a Hugging Face transformers model folder (weights, config, modelling code,
+    tokenizer) from a checkpoint."""
+    from mllm.export import export_run
+
+    export_run(config)
 
 
 @config_command(app, ServeConfig, name="serve")

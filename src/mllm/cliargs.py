@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -111,8 +111,12 @@ def _typer_parameter(spec: FlagSpec, positional: bool) -> inspect.Parameter:
         item = get_args(tp)[0]
         if get_origin(item) is Annotated:  # the item's constraints are pydantic's business
             item = get_args(item)[0]
+        if get_origin(item) is Literal:  # typer takes no list of choices: pydantic checks them
+            kwargs["metavar"] = "|".join(map(str, get_args(item)))
+            item = str
+        else:
+            kwargs["metavar"] = "TEXT"
         cli_type: Any = list[item]
-        kwargs["metavar"] = "TEXT"
     else:
         cli_type = tp  # Literal[...] becomes a choice; bool, Path, int, float, str as they are
     if positional:  # required on the command line (a prompt has no sensible default)

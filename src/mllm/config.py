@@ -207,6 +207,11 @@ class TrainConfig(CommandConfig):
     compile: bool = Field(
         True, description="torch.compile the model and its loss (the first steps take longer)."
     )
+    tracker: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Also log metrics and the config to this experiment tracker: tensorboard "
+        "or wandb (optional extras). Repeatable.",
+    )
     resume: bool = Field(
         False,
         description="Continue the run in --run-dir from its latest checkpoint, with its saved "
@@ -249,6 +254,14 @@ class EvalConfig(CommandConfig):
         description="Print one JSON object on stdout instead of a table.",
         json_schema_extra={"flag": "--json"},
     )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks to run instead of the loss on --split: names "
+        "(hub tasks need the hub) or paths of task YAML files, comma-separated or repeated.",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="With --tasks: at most N examples per task (a quick look)."
+    )
 
 
 class SamplingConfig(CommandConfig):
@@ -280,6 +293,18 @@ class GenerateConfig(SamplingConfig):
         None,
         ge=1,
         description="CPU threads for decoding (default: the cores other processes leave idle).",
+    )
+
+
+class ExportConfig(CommandConfig):
+    """`mllm export`: a Hugging Face transformers model folder from a trained checkpoint."""
+
+    run_dir: RunDir = DEFAULT_RUN_DIR
+    checkpoint: CheckpointPath = None
+    out: Path = Field(
+        ...,
+        description="Folder to write (missing parents are created; an earlier export there is "
+        "replaced, any other folder is refused).",
     )
 
 
