@@ -236,7 +236,15 @@ def print_table(result: EvalResult) -> None:
 
 
 def run_eval(config: EvalConfig) -> None:
-    """The `mllm eval` command: a table, or one JSON line with --json."""
+    """The `mllm eval` command: a table, or one JSON line with --json; with --tasks, the
+    lm-evaluation-harness tasks instead (mllm.harness)."""
+    if config.tasks:
+        from mllm.harness import print_results, run_tasks
+
+        print_results(run_tasks(config), config.json_output)
+        return
+    if config.limit is not None:
+        raise UsageError("--limit applies to --tasks only (use --max-tokens for the loss)")
     result = evaluate(config)
     if config.json_output:
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
