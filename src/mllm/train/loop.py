@@ -58,6 +58,7 @@ from mllm.train.resume import (
 from mllm.train.signals import StopOnSignal
 from mllm.train.step import prepare_model, to_device, train_step
 from mllm.train.tracker import Boundary, NonFiniteLoss, StepStats, StepTracker
+from mllm.train.trackers import start_trackers
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,9 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
             for later in ckpt.remove_checkpoints_after(config.run_dir, run.step):
                 info(f"removed {later}: saved after {plan.resume_from.name}, where the run resumes")
         ckpt.write_run_files(config, plan.tokenizer_matches)
-        run.metrics.open(resume_step=run.step if plan.resume_from is not None else None)
+        resume_step = run.step if plan.resume_from is not None else None
+        # --tracker: TensorBoard / wandb get every record too; run.metrics.close() closes them
+        run.metrics.open(resume_step=resume_step, trackers=start_trackers(config, resume_step))
     describe_run(run)
     return run
 

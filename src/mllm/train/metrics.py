@@ -15,6 +15,8 @@ while the run goes on:
 
 On resume the records after the checkpoint's step (written by the run that was stopped) are
 dropped first, so the file reads as one uninterrupted run.
+
+Every record written also goes to the run's experiment trackers (--tracker, train/trackers.py).
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from mllm.console import err_console, info, is_quiet, progress_enabled
 from mllm.fileio import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from mllm.train.trackers import Trackers
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -51,18 +56,22 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl (a no-op writer on ranks other than 0)."""
+    """Appends records to metrics.jsonl and hands them to the trackers (a no-op writer on ranks
+    other than 0, which have no trackers)."""
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []  # everything in the file, for loss.png
         self._file: IO[str] | None = None
+        self.trackers: Trackers | None = None
 
-    def open(self, resume_step: int | None) -> None:
-        """Start a fresh file (a new run) or keep the records up to `resume_step` (a resume)."""
+    def open(self, resume_step: int | None, trackers: Trackers | None = None) -> None:
+        """Start a fresh file (a new run) or keep the records up to `resume_step` (a resume);
+        `trackers` get every record written from now on, and are closed by `close()`."""
         if not self.enabled:
             return
+        self.trackers = trackers
         kept = (
             []
             if resume_step is None
@@ -78,11 +87,16 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self.records.append(record)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def plot_losses(path: Path, records: list[dict[str, Any]]) -> None:
