@@ -17,6 +17,12 @@ Rows stay packed at the front of the cache (a retiring row's slot receives the l
 step runs exactly `len(rows)` rows. At batch 1 a CPU decode step is dominated by reading the
 weights, so a step of 8 rows costs little more than a step of 1: concurrent requests share it.
 
+A sequence that asks for log-probabilities (`logprobs`: k) gets, per sampled token, its fp32
+log-probability and the k likeliest tokens, from the logits it was sampled from (no extra
+forward); rows that do not ask pay nothing (no log_softmax, no top-k). With `score_prompt`
+(echo), the prompt also runs once through a full forward, whose per-position logits give every
+prompt token's log-probability as `mllm eval` computes them; `max_tokens` 0 then only scores.
+
 Each row samples with its own torch.Generator, so a seeded sequence draws the same tokens
 whatever else is in the batch. Events go back through the `emit` callback each sequence carries
 (serve.py hands them to the request's asyncio queue); the engine never blocks on a client.
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from mllm.decode import Decoder
+from mllm.losses import rows_per_chunk
 from mllm.model import GPT
 from mllm.sampling import SamplingParams, sample_next
 from mllm.textstream import TextStream
@@ -61,7 +68,27 @@ class Failed:
     message: str
 
 
-Event = TextDelta | Finished | Failed
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability (fp32, from the model's raw logits) and the likeliest
+    tokens at its position, likeliest first, plus the token itself where it is not among them.
+    The first token of a prompt has neither (nothing precedes it): None, None."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] | None
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """Log-probabilities of tokens, in order: of the prompt (score_prompt) before anything else,
+    then of each sampled token, sent before that token's text."""
+
+    entries: tuple[TokenLogprob, ...]
+    prompt: bool = False  # the prompt's tokens (all of them, in one event)
+
+
+Event = TextDelta | Finished | Failed | Logprobs
 
 
 @dataclass(eq=False)
@@ -75,6 +102,8 @@ class Completion:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     prompt_key: object = None  # sequences with the same key have the same prompt: one prefill
+    logprobs: int | None = None  # k: each sampled token's logprob and the k likeliest (None: off)
+    score_prompt: bool = False  # first send the prompt tokens' logprobs (needs `logprobs`)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -205,16 +234,28 @@ class Engine:
 
     def _fail(self, rows: list[Row], error: Exception) -> None:
         """Decoding raised (e.g. out of memory): end `rows` with the error, keep serving."""
-        message = f"decoding failed: {type(error).__name__}: {error}"
+        failed = failure(error)
         for row in rows:
             if not row.finished:
                 row.finished = True
-                self._send(row.sequence, Failed(message))
+                self._send(row.sequence, failed)
 
     def _admit(self, sequences: list[Completion]) -> None:
-        """Prefill each new sequence into the next free row and take its first token."""
+        """Prefill each new sequence into the next free row and take its first token (after
+        scoring its prompt, if it asks); a sequence with max_tokens 0 ends there, rowless."""
         shared: tuple[object, int, torch.Tensor] | None = None  # (prompt key, slot, logits)
+        scored: tuple[object, Logprobs] | None = None  # (prompt key, its prompt's logprobs)
         for sequence in sequences:
+            if sequence.score_prompt or sequence.max_tokens == 0:
+                try:
+                    scored = self._score_prompt(sequence, scored)
+                except Exception as error:
+                    self._send(sequence, failure(error))
+                    continue
+                if sequence.max_tokens == 0:
+                    self.stats.sequences_finished += 1
+                    self._send(sequence, Finished("length", 0))
+                    continue
             row = Row(sequence, TextStream(self.token_bytes, sequence.stop), None, 0)
             row.generator = self._generator_for(sequence)
             self._rows.append(row)
@@ -222,6 +263,38 @@ class Engine:
                 shared = self._start_row(row, len(self._rows) - 1, shared)
             except Exception as error:
                 self._fail([row], error)
+
+    def _score_prompt(
+        self, sequence: Completion, scored: tuple[object, Logprobs] | None
+    ) -> tuple[object, Logprobs] | None:
+        """Send the prompt's logprobs if the sequence asks (reusing those of the same prompt
+        scored just before); returns what later sequences may reuse."""
+        if not sequence.score_prompt or sequence.logprobs is None:
+            return scored
+        key = sequence.prompt_key
+        if scored is None or key is None or scored[0] is not key:
+            scored = (
+                key,
+                Logprobs(self._prompt_logprobs(sequence.prompt_ids, sequence.logprobs), True),
+            )
+        self._send(sequence, scored[1])
+        return scored
+
+    def _prompt_logprobs(self, prompt: list[int], k: int) -> tuple[TokenLogprob, ...]:
+        """Every prompt token's logprob given the tokens before it, from one full forward (no
+        cache), as `GPT.token_nll` scores it for `mllm eval`: the head runs a chunk of positions
+        at a time, in fp32 after the model's dtype, so the full logits never exist at once."""
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        entries = [TokenLogprob(prompt[0], None, None)]
+        if len(prompt) == 1:
+            return tuple(entries)
+        hidden = self.model.hidden_states(ids[None, :-1])[0]  # position i predicts token i + 1
+        step = rows_per_chunk(self.model.head_weight.shape[0])
+        for start in range(0, len(prompt) - 1, step):
+            logits = self.model.logits(hidden[start : start + step])
+            targets = ids[start + 1 : start + 1 + step]
+            entries += token_logprobs(logits, targets, [k] * len(targets))
+        return tuple(entries)
 
     def _start_row(
         self, row: Row, slot: int, shared: tuple[object, int, torch.Tensor] | None
@@ -237,7 +310,9 @@ class Engine:
             shared = (key, slot, logits)
         row.length = len(prompt)
         token = sample_next(logits[None], [row.sequence.params], [row.generator])
-        self._accept(row, int(token[0]))
+        k = row.sequence.logprobs
+        entry = None if k is None else token_logprobs(logits[None], token, [k])[0]
+        self._accept(row, int(token[0]), entry)
         return shared
 
     def _prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
@@ -257,18 +332,36 @@ class Engine:
             else torch.tensor([row.length for row in rows], device=self.device)
         )
         logits = self.decoder.step(tokens, positions)
-        next_tokens = sample_next(
+        sampled = sample_next(
             logits, [row.sequence.params for row in rows], [row.generator for row in rows]
-        ).tolist()
+        )
+        entries = self._step_logprobs(logits, sampled)
+        next_tokens = sampled.tolist()
         self.stats.steps += 1
         self.stats.rows_decoded += len(rows)
         self.stats.decode_seconds += time.perf_counter() - started
-        for row, token in zip(rows, next_tokens, strict=True):
+        for i, (row, token) in enumerate(zip(rows, next_tokens, strict=True)):
             row.length += 1
-            self._accept(row, token)
+            self._accept(row, token, entries.get(i))
 
-    def _accept(self, row: Row, token: int) -> None:
-        """A newly sampled token: send its text, or end the row."""
+    def _step_logprobs(
+        self, logits: torch.Tensor, sampled: torch.Tensor
+    ) -> dict[int, TokenLogprob]:
+        """The logprobs of the rows that ask for them (row index -> entry); nothing is computed
+        when no row asks."""
+        wanted = [i for i, row in enumerate(self._rows) if row.sequence.logprobs is not None]
+        if not wanted:
+            return {}
+        ks = [self._rows[i].sequence.logprobs or 0 for i in wanted]
+        if len(wanted) < len(self._rows):
+            index = torch.tensor(wanted, device=logits.device)
+            logits, sampled = logits[index], sampled[index]
+        return dict(zip(wanted, token_logprobs(logits, sampled, ks), strict=True))
+
+    def _accept(self, row: Row, token: int, logprob: TokenLogprob | None = None) -> None:
+        """A newly sampled token: send its logprobs (if asked) and its text, or end the row."""
+        if logprob is not None:
+            self._send(row.sequence, Logprobs((logprob,)))
         row.generated += 1
         if token == self.eot_id:
             self._finish(row, "stop")
@@ -325,3 +418,33 @@ class Engine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed % 2**64)
         return generator
+
+
+def failure(error: Exception) -> Failed:
+    return Failed(f"decoding failed: {type(error).__name__}: {error}")
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int]
+) -> list[TokenLogprob]:
+    """Row i's token `tokens[i]` with its log-probability under `logits[i]` (log_softmax in
+    fp32) and the `ks[i]` likeliest tokens (plus the token itself where it is not among them).
+
+    logits: (B, V) in any float dtype; tokens: (B,) ids. One top-k of the largest k serves
+    every row, and one transfer to the host each for the values and the ids."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens[:, None].to(logp.device))[:, 0].tolist()
+    token_ids = tokens.tolist()
+    k_max = min(max(ks, default=0), logp.shape[-1])
+    top_values: list[list[float]] = [[] for _ in ks]
+    top_ids: list[list[int]] = [[] for _ in ks]
+    if k_max > 0:
+        top = torch.topk(logp, k_max, dim=-1)
+        top_values, top_ids = top.values.tolist(), top.indices.tolist()
+    entries = []
+    for row, k in enumerate(ks):
+        best = list(zip(top_ids[row][:k], top_values[row][:k], strict=True))
+        if all(token != token_ids[row] for token, _ in best):
+            best.append((token_ids[row], chosen[row]))
+        entries.append(TokenLogprob(token_ids[row], chosen[row], tuple(best)))
+    return entries
