@@ -1,5 +1,6 @@
 """`mllm serve`: the OpenAI-compatible HTTP app (app.py), the continuous-batching decode engine
-(engine.py) and the request / response schema (schema.py)."""
+(engine.py), the request / response schema (schema.py) and log-probabilities in the API's shape
+(logprobs.py)."""
 
 from __future__ import annotations
 

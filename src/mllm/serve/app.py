@@ -1,8 +1,10 @@
 """`mllm serve`: an OpenAI-compatible completions API over a trained checkpoint.
 
-    POST /v1/completions   the Completions API (stream or not, n, list prompts, stop, seed)
+    POST /v1/completions   the Completions API (stream or not, n, list prompts, stop, seed,
+                           logprobs, echo)
     GET  /v1/models        the one model served;  GET /v1/models/{id}
     GET  /health           liveness, with the number of running and waiting sequences
+    GET  /openapi.json     all of the above, with every status code each route answers
 
 Requests are served concurrently. The event loop only parses, validates and tokenises requests
 and shuffles text: all model work happens on the engine's decode thread (engine.py), which
@@ -36,7 +38,17 @@ from pydantic import ValidationError
 from mllm.config import ServeConfig
 from mllm.errors import MllmError, UsageError
 from mllm.sampling import SamplingParams
-from mllm.serve.engine import Completion, Engine, Event, Failed, Finished, QueueFull, TextDelta
+from mllm.serve.engine import (
+    Completion,
+    Engine,
+    Event,
+    Failed,
+    Finished,
+    Logprobs,
+    QueueFull,
+    TextDelta,
+)
+from mllm.serve.logprobs import ChoiceLogprobs, TokenTable
 from mllm.serve.schema import (
     DEFAULT_MAX_TOKENS,
     MAX_CHOICES,
@@ -44,6 +56,7 @@ from mllm.serve.schema import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     Usage,
@@ -66,6 +79,7 @@ class ServedModel:
     tokenizer: Any  # a `tokenizers.Tokenizer`
     engine: Engine
     max_request_bytes: int = 1_048_576
+    tokens: TokenTable | None = None  # token strings and bytes, for logprobs and echo
 
 
 # -- reading and checking a request -----------------------------------------------------------
@@ -156,6 +170,22 @@ CLIENT_GONE = object()  # put on a job's queue when its client disconnects
 
 
 @dataclass
+class ChoiceState:
+    """One choice as its events arrive: its text pieces (the echoed prompt first), how many of
+    them a stream has sent, and its logprobs when asked for."""
+
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: ChoiceLogprobs | None = None
+    sent: int = 0
+
+    def unsent_text(self) -> str:
+        text, self.sent = "".join(self.text[self.sent :]), len(self.text)
+        return text
+
+
+@dataclass
 class CompletionJob:
     """The sequences of one request (prompt-major: choice index = prompt * n + j) and the queue
     their events arrive on, as (choice index, event)."""
@@ -163,6 +193,8 @@ class CompletionJob:
     sequences: list[Completion]
     queue: asyncio.Queue[Any]
     prompt_tokens: int
+    echoes: list[str]  # per choice: the text before the completion (its prompt, with echo)
+    tokens: TokenTable | None = None  # set when the request asks for logprobs
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -170,11 +202,24 @@ class CompletionJob:
         for sequence in self.sequences:
             sequence.cancel()
 
+    def new_choices(self) -> list[ChoiceState]:
+        return [
+            ChoiceState(
+                text=[echo] if echo else [],
+                logprobs=None if self.tokens is None else ChoiceLogprobs(self.tokens, len(echo)),
+            )
+            for echo in self.echoes
+        ]
+
 
 def build_job(
-    request: CompletionRequest, prompts: list[list[int]], budgets: list[int]
+    request: CompletionRequest,
+    prompts: list[list[int]],
+    budgets: list[int],
+    tokens: TokenTable | None = None,
 ) -> CompletionJob:
-    """One engine Completion per choice; a seeded request seeds choice i with seed + i."""
+    """One engine Completion per choice; a seeded request seeds choice i with seed + i. With
+    echo, each choice's text starts with its prompt (`tokens` decodes it)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -186,11 +231,17 @@ def build_job(
         top_k=request.top_k or 0,
         top_p=1.0 if request.top_p is None else request.top_p,
     )
-    sequences = []
+    if (request.echo or request.logprobs is not None) and tokens is None:
+        raise ApiError(
+            500, "this server has no token table for echo or logprobs", error_type="server_error"
+        )
+    sequences, echoes = [], []
     index = itertools.count()
     for prompt_ids, budget in zip(prompts, budgets, strict=True):
         prompt_key = object()  # the n choices of a prompt share one prefill
+        echo = tokens.echo_text(prompt_ids) if request.echo and tokens is not None else ""
         for _ in range(request.choices_per_prompt):
+            echoes.append(echo)
             i = next(index)
             sequences.append(
                 Completion(
@@ -201,22 +252,26 @@ def build_job(
                     seed=None if request.seed is None else request.seed + i,
                     stop=request.stop_strings,
                     prompt_key=prompt_key,
+                    logprobs=request.logprobs,
+                    score_prompt=request.scores_prompt,
                 )
             )
-    return CompletionJob(sequences, queue, prompt_tokens=sum(len(p) for p in prompts))
-
-
-@dataclass
-class ChoiceState:
-    text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    completion_tokens: int = 0
+    return CompletionJob(
+        sequences,
+        queue,
+        prompt_tokens=sum(len(p) for p in prompts),
+        echoes=echoes,
+        tokens=None if request.logprobs is None else tokens,
+    )
 
 
 def apply_event(choice: ChoiceState, event: Event) -> None:
     """Record an event; a failure becomes a 500 for the request."""
     if isinstance(event, TextDelta):
         choice.text.append(event.text)
+    elif isinstance(event, Logprobs):
+        if choice.logprobs is not None:
+            choice.logprobs.add(event.entries, event.prompt)
     elif isinstance(event, Finished):
         choice.finish_reason = event.reason
         choice.completion_tokens = event.completion_tokens
@@ -248,7 +303,7 @@ async def collect(job: CompletionJob, request: Any, model: str) -> CompletionRes
         job.queue.put_nowait(CLIENT_GONE)
 
     watcher = asyncio.ensure_future(watch())
-    choices = [ChoiceState() for _ in job.sequences]
+    choices = job.new_choices()
     try:
         while any(choice.finish_reason is None for choice in choices):
             item = await job.queue.get()
@@ -264,7 +319,12 @@ async def collect(job: CompletionJob, request: Any, model: str) -> CompletionRes
         created=job.created,
         model=model,
         choices=[
-            CompletionChoice(text="".join(c.text), index=i, finish_reason=c.finish_reason)
+            CompletionChoice(
+                text="".join(c.text),
+                index=i,
+                logprobs=None if c.logprobs is None else c.logprobs.result(),
+                finish_reason=c.finish_reason,
+            )
             for i, c in enumerate(choices)
         ],
         usage=usage_of(job, choices),
@@ -282,13 +342,15 @@ async def stream_chunks(
     """Server-sent events in the API's chunk format, ending with `data: [DONE]`.
 
     Events waiting together are merged (one chunk per choice per wake-up), so a busy server
-    sends fewer, larger chunks instead of falling behind. (The response that sends these cancels
-    the job when it ends, however it ends: see JobStream in create_app.)
+    sends fewer, larger chunks instead of falling behind. A choice's first chunk starts with its
+    echoed prompt; each chunk's logprobs cover the tokens that arrived since the last one, their
+    text_offset counting from the start of the choice's whole text. (The response that sends
+    these cancels the job when it ends, however it ends: see JobStream in create_app.)
     """
-    choices = [ChoiceState() for _ in job.sequences]
+    choices = job.new_choices()
     head = {"id": job.id, "object": "text_completion", "created": job.created, "model": model}
     while any(choice.finish_reason is None for choice in choices):
-        ready: dict[int, list[str]] = {}  # choice index -> text that arrived
+        ready: dict[int, None] = {}  # the choices that had events, in order
         for index, event in await drain(job.queue):
             try:
                 apply_event(choices[index], event)
@@ -296,15 +358,14 @@ async def stream_chunks(
                 yield sse(error.body())
                 yield sse("[DONE]")
                 return
-            texts = ready.setdefault(index, [])
-            if isinstance(event, TextDelta):
-                texts.append(event.text)
-        for index, texts in ready.items():
+            ready[index] = None
+        for index in ready:
+            state = choices[index]
             choice = {
-                "text": "".join(texts),
+                "text": state.unsent_text(),
                 "index": index,
-                "logprobs": None,
-                "finish_reason": choices[index].finish_reason,  # None until the last chunk
+                "logprobs": None if state.logprobs is None else state.logprobs.take().model_dump(),
+                "finish_reason": state.finish_reason,  # None until the last chunk
             }
             chunk: dict[str, Any] = {**head, "choices": [choice]}
             if include_usage:
@@ -323,6 +384,73 @@ async def drain(queue: asyncio.Queue[Any]) -> list[Any]:
     return items
 
 
+# -- what /openapi.json says ---------------------------------------------------------------------
+
+REQUEST_SCHEMA_REF = "#/components/schemas/CompletionRequest"
+
+
+def error_answer(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# Every status POST /v1/completions answers (an unknown path is 404 and a wrong method 405 for
+# every route; those are not the routes' own answers).
+COMPLETION_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": CompletionResponse,
+        "description": "The completion; with `stream: true`, server-sent events instead: "
+        "`data: {chunk}` lines (a chunk has the response's shape, one choice each, and no usage "
+        "unless stream_options.include_usage asks for a last usage-only chunk), ending with "
+        "`data: [DONE]`. A decoding failure mid-stream is sent as a `data: {error}` line "
+        "before [DONE].",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    400: error_answer(
+        "A malformed body, a field of the wrong type or out of range, an unknown or unsupported "
+        "field, a token id outside the vocabulary, or prompt + max_tokens beyond the context "
+        "(code context_length_exceeded)."
+    ),
+    404: error_answer("`model` is not the served model (code model_not_found)."),
+    413: error_answer("The body exceeds --max-request-bytes (code request_too_large)."),
+    499: {
+        "description": "Client Closed Request: the client left before the answer (it is never "
+        "received; the access log shows it). Its sequences are cancelled."
+    },
+    500: error_answer("Decoding failed (e.g. out of memory); the server keeps serving."),
+    503: {
+        **error_answer(
+            "Overloaded: --max-waiting sequences already wait (code server_overloaded); retry."
+        ),
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    },
+}
+COMPLETION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": REQUEST_SCHEMA_REF}}},
+    }
+}
+
+
+def truthful_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's generated document, corrected: the completions body (read by hand, to cap its
+    size) is described by CompletionRequest, and the 422 FastAPI adds to routes with parameters
+    is dropped (validation errors answer 400 here, and no route's parameters can fail)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    request = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(request.pop("$defs", {}))
+    components["CompletionRequest"] = request
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f'"#/components/schemas/{unused}"' not in json.dumps(schema["paths"]):
+            components.pop(unused, None)
+    return schema
+
+
 # -- the app ----------------------------------------------------------------------------------
 
 
@@ -336,6 +464,14 @@ def create_app(served: ServedModel) -> Any:
     from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="mllm", summary="OpenAI-compatible completions over an mllm checkpoint")
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = truthful_openapi(generate_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     class JobStream(StreamingResponse):
         """A streamed completion that cancels its sequences however the response ends, even
@@ -377,7 +513,7 @@ def create_app(served: ServedModel) -> Any:
         message = f"internal error: {type(error).__name__}"
         return JSONResponse(error_body(message, "server_error"), status_code=500)
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"description": "The server is up; engine counters."}})
     async def health() -> dict[str, Any]:
         stats = served.engine.stats
         return {
@@ -395,11 +531,18 @@ def create_app(served: ServedModel) -> Any:
     def model_card() -> ModelCard:
         return ModelCard(id=served.name, created=served.created)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     async def list_models() -> dict[str, Any]:
         return ModelList(data=[model_card()]).model_dump()
 
-    @app.get("/v1/models/{model_id}")
+    @app.get(
+        "/v1/models/{model_id}",
+        response_model=None,
+        responses={
+            200: {"model": ModelCard},
+            404: error_answer("Not the served model (code model_not_found)."),
+        },
+    )
     async def get_model(model_id: str) -> dict[str, Any]:
         check_model(model_id)
         return model_card().model_dump()
@@ -413,7 +556,12 @@ def create_app(served: ServedModel) -> Any:
                 code="model_not_found",
             )
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses=COMPLETION_ANSWERS,
+        openapi_extra=COMPLETION_BODY,
+    )
     async def completions(request: Request) -> Response:
         try:
             body = await read_body(request, served.max_request_bytes)
@@ -433,7 +581,7 @@ def create_app(served: ServedModel) -> Any:
                 param="n",
             )
         budgets = [completion_budget(completion, ids, served.context) for ids in prompts]
-        job = build_job(completion, prompts, budgets)
+        job = build_job(completion, prompts, budgets, served.tokens)
         try:
             served.engine.submit(job.sequences)
         except QueueFull as full:
@@ -505,7 +653,6 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
     import torch
 
     from mllm.device import decode_threads, pick_device, resolve_decode_dtype
-    from mllm.textstream import token_byte_table
     from mllm.train.checkpoint import STATE, load_checkpoint, load_run_tokenizer, run_dir_of
 
     device = pick_device(config.device)
@@ -519,9 +666,10 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
             f"{vocab_size}: pass the run's own tokenizer.json"
         )
     torch.set_num_threads(decode_threads(config.threads, reserved=1))
+    tokens = TokenTable.of(tokenizer, vocab_size)
     engine = Engine(
         loaded.model,
-        token_byte_table(tokenizer),
+        tokens.text_bytes,
         eot_id=loaded.data.eot_id,
         max_batch_size=config.max_batch_size,
         max_waiting=config.max_waiting,
@@ -535,6 +683,7 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
         tokenizer=tokenizer,
         engine=engine,
         max_request_bytes=config.max_request_bytes,
+        tokens=tokens,
     )
 
 

@@ -3,20 +3,31 @@
 Field names, defaults and shapes follow the published API reference (POST /v1/completions,
 GET /v1/models), so the `openai` client and tools built on it work unchanged. Validation is strict
 (a string is not an integer, `true` is not a number) and unknown fields are refused, as the
-API does. Fields the model cannot honour (`logprobs`, `echo`, `suffix`, `best_of` other than `n`,
-`logit_bias`, penalties) are refused by `unsupported_field` rather than ignored, so a client never
-gets a result that silently differs from what it asked for.
+API does. Fields the model cannot honour (`suffix`, `best_of` other than `n`, `logit_bias`,
+penalties) are refused by `unsupported_field` rather than ignored, so a client never gets a
+result that silently differs from what it asked for.
+
+The models here are also what /openapi.json documents (app.py): the request body with its
+constraints, the answers, and the error shape every 4xx/5xx uses.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 DEFAULT_MAX_TOKENS = 16  # the API's default when max_tokens is absent
 MAX_CHOICES = 128  # prompts x n per request (the API caps n at 128)
 MAX_STOP_STRINGS = 4  # the API allows up to 4 stop sequences
+MAX_LOGPROBS = 5  # the API's limit on `logprobs` (most likely tokens listed per position)
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -53,6 +64,54 @@ def error_body(
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(..., description="invalid_request_error (4xx) or server_error (5xx).")
+    param: str | None = Field(None, description="The request field at fault, if one is.")
+    code: str | None = Field(None, description="e.g. context_length_exceeded, model_not_found.")
+
+
+class ErrorResponse(BaseModel):
+    """The API's error object: the body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+# What the before-validators below accept, for the JSON schema (they check it by hand, to give
+# the API's messages).
+PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {
+            "type": "array",
+            "items": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0},
+                "minItems": 1,
+            },
+            "minItems": 1,
+        },
+    ],
+    "description": "A string, a list of strings, a list of token ids or a list of such lists "
+    "(ids must lie in the vocabulary).",
+}
+STOP_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "maxItems": MAX_STOP_STRINGS,
+        },
+        {"type": "null"},
+    ],
+    "default": None,
+    "description": f"Up to {MAX_STOP_STRINGS} strings that end the text (never part of it).",
+}
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -67,32 +126,42 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str = Field(..., description="The served model's id (see GET /v1/models).")
-    prompt: Any = Field(
-        ...,
-        description="A string, a list of strings, a list of token ids or a list of such lists.",
-    )
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)] = Field(...)
     max_tokens: int | None = Field(
         None,
-        ge=1,
-        description="Tokens to generate at most (default 16, or what is left of the context).",
+        ge=0,
+        description="Tokens to generate at most (default 16, or what is left of the context); "
+        "0 generates nothing (with echo and logprobs: score the prompt). Prompt plus max_tokens "
+        "must fit the model's context.",
     )
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy (default 1).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (default 1).")
     top_k: int | None = Field(None, ge=0, description="Extension: keep the k likeliest (0: off).")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Completions per prompt.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the text.")
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
     seed: int | None = Field(None, description="Makes sampling reproducible.")
     stream: bool | None = Field(None, description="Send server-sent events as tokens arrive.")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="An end-user id; accepted and not used.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="List each token's log-probability (fp32, of the model's own distribution, "
+        "before temperature / top_p / top_k) and the `logprobs` likeliest tokens at each "
+        "position, plus the chosen one when it is not among them.",
+    )
+    echo: bool | None = Field(
+        None,
+        description="Put the prompt before the completion in `text` (and, with logprobs, its "
+        "tokens first in `logprobs`; the first prompt token's logprob is null).",
+    )
     # Accepted only at the values that mean "off": the model cannot honour anything else.
-    logprobs: int | None = None
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    best_of: int | None = Field(None, description="Only equal to n (or absent).")
+    suffix: str | None = Field(None, description="Only null or empty.")
+    logit_bias: dict[str, float] | None = Field(None, description="Only null or {}.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 (or absent).")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 (or absent).")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -122,6 +191,11 @@ class CompletionRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's own tokens get log-probabilities (echo with logprobs)."""
+        return bool(self.echo) and self.logprobs is not None
 
 
 def _is_token_id(value: Any) -> bool:
@@ -155,8 +229,6 @@ def check_prompt_shape(value: Any) -> Prompt:
 def unsupported_field(request: CompletionRequest) -> ApiError | None:
     """A 400 for the first field set to something this server cannot do, else None."""
     refusals: list[tuple[str, bool, str]] = [
-        ("logprobs", request.logprobs is not None, "logprobs are not supported (omit the field)"),
-        ("echo", bool(request.echo), "echo is not supported (omit it or pass false)"),
         ("suffix", bool(request.suffix), "suffix (insertion) is not supported"),
         (
             "best_of",
@@ -203,10 +275,35 @@ def describe_request_error(error: ValidationError) -> ApiError:
     return ApiError(400, f"{where}: {message}" if where else message, param=param)
 
 
+class CompletionLogprobs(BaseModel):
+    """Per-token log-probabilities of one choice (or of one streamed chunk of it): with echo the
+    prompt's tokens come first, then one entry per generated token `completion_tokens` counts
+    (an end-of-text token that ends the choice included, though it adds nothing to `text`)."""
+
+    tokens: list[str] = Field(
+        ...,
+        description="Each token's text; special tokens by name (<|endoftext|>), a token that "
+        "is not whole UTF-8 as `bytes:\\xNN...`.",
+    )
+    token_logprobs: list[float | None] = Field(
+        ..., description="log p(token | what precedes it); null for the first prompt token."
+    )
+    top_logprobs: list[dict[str, float] | None] = Field(
+        ...,
+        description="The `logprobs` likeliest tokens at each position, likeliest first, plus "
+        "the chosen token where it is not among them; null for the first prompt token.",
+    )
+    text_offset: list[int] = Field(
+        ...,
+        description="Where each token starts in the choice's `text` (in characters); with a "
+        "stop string the last entries may lie past the end of the text.",
+    )
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
