@@ -22,7 +22,7 @@ from mllm.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SUBCOMMANDS = ("corpus", "tokenize", "pack", "train", "eval", "generate", "serve")
+SUBCOMMANDS = ("corpus", "tokenize", "pack", "train", "eval", "generate", "serve", "export")
 
 # Shell words that end one command: chains, pipes and redirections.
 COMMAND_SEPARATORS = {"&&", "||", ";", "|", "&"}
