@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,14 +34,34 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
 # Files we create get the usual permissions (0666 minus the umask), not mkstemp's private 0600.
-_FILE_MODE = 0o666 & ~_current_umask()
+_FILE_MODE = 0o666 & ~current_umask()
+
+
+def swap_in_folder(tmp: Path, final: Path, aside: Path) -> None:
+    """Rename the complete folder `tmp` to `final`. An existing `final` is renamed to `aside`
+    first and removed after, so a complete folder is at `final` or at `aside` at every moment (a
+    second signal between the renames leaves `aside`; a failed rename puts it back). A stale
+    `aside` left by an earlier swap cut short is removed too."""
+    replaced = final.exists()
+    if replaced:
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if replaced:
+            aside.rename(final)
+        raise
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def temp_path_for(path: Path) -> Path:

@@ -33,7 +33,14 @@ from safetensors.torch import save_file
 from mllm import __version__
 from mllm.config import ExportConfig
 from mllm.errors import MllmError, UsageError
-from mllm.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir, fsync_dir
+from mllm.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    current_umask,
+    ensure_writable_dir,
+    fsync_dir,
+    swap_in_folder,
+)
 
 CODE_FILES = ("configuration_mllm.py", "modeling_mllm.py")
 CONFIG = "config.json"
@@ -239,7 +246,7 @@ def write_files(
         raise
     except Exception as e:  # safetensors raises its own error type for a failed write
         raise OSError(f"{folder / WEIGHTS}: {e}") from None
-    os.chmod(folder / WEIGHTS, 0o666 & ~_umask())  # safetensors leaves it private (0600)
+    os.chmod(folder / WEIGHTS, 0o666 & ~current_umask())  # safetensors leaves it private (0600)
     fsync_file(folder / WEIGHTS)
     here = Path(__file__).parent
     for code in CODE_FILES:
@@ -259,25 +266,6 @@ def remove_leftovers(out: Path, keep: Path | None = None) -> None:
         for stale in out.parent.glob(f"{prefix}*"):
             if stale != keep and stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and removed after, so a
-    complete folder is at `out` (or beside it, named .old-) at every moment."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}{OLD_INFIX}", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_run(config: ExportConfig) -> Path:
@@ -314,9 +302,9 @@ def export_run(config: ExportConfig) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_INFIX}", dir=parent))
     try:
         with contextlib.suppress(OSError):
-            tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the folder from others
+            tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the folder from others
         write_files(tmp, loaded, checkpoint, tokenizer_path.read_bytes(), eot_id, out.name)
-        swap_into_place(tmp, out)
+        swap_in_folder(tmp, out, out.parent / f".{out.name}{OLD_INFIX}")
     except OSError as e:
         raise MllmError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
@@ -328,9 +316,3 @@ def export_run(config: ExportConfig) -> Path:
         )
     )
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -46,6 +46,7 @@ from mllm.fileio import (
     fsync_dir,
     read_json,
     sha256_file,
+    swap_in_folder,
 )
 from mllm.model import GPT
 
@@ -316,13 +317,7 @@ def write_checkpoint(
         # Re-saving the same step (e.g. a signal right after an interval save) swaps by renames,
         # so a complete copy exists at every moment (list_checkpoints reads the .old- one if a
         # second signal lands between the two renames).
-        replaced = parent / f"{REPLACED_PREFIX}{final.name}"
-        if final.exists():
-            shutil.rmtree(replaced, ignore_errors=True)
-            final.rename(replaced)
-        tmp.rename(final)
-        fsync_dir(parent)
-        shutil.rmtree(replaced, ignore_errors=True)  # the old copy, or one a cut-short save left
+        swap_in_folder(tmp, final, parent / f"{REPLACED_PREFIX}{final.name}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
