@@ -142,7 +142,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.threads = (
-        [decode_threads()] if args.threads == "auto" else [int(t) for t in args.threads.split(",")]
+        [decode_threads().count]
+        if args.threads == "auto"
+        else [int(t) for t in args.threads.split(",")]
     )
     auto_dtype = DTYPE_NAMES[resolve_decode_dtype("auto", torch.device("cpu"))]
     args.baseline_dtypes = set(args.baseline_dtypes.replace("auto", auto_dtype).split(","))

@@ -257,7 +257,7 @@ def main() -> None:
         folder = Path(tmp)
         run_dir = args.run_dir or random_run(folder)
         model_config = read_state(find_checkpoint(run_dir)).model
-        server_threads = decode_threads(args.server_threads, reserved=1)
+        server_threads = decode_threads(args.server_threads, reserved=1).count
         threads = [] if args.server_threads is None else ["--threads", str(args.server_threads)]
         server = ServerProcess(
             run_dir,

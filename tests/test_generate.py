@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,12 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from fixtures import train_tiny_tokenizer, write_tiny_run
+from mllm import device
 from mllm.cli import app
 from mllm.config import ModelConfig
 from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.decode import Decoder, onednn_bf16_linear, prepare_for_decoding
-from mllm.device import decode_threads
+from mllm.device import ThreadChoice, decode_threads, usable_cpus
 from mllm.generate import fit_prompt, generate_ids, slide_keep
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
@@ -234,24 +236,49 @@ def test_cli_threads_flag_sets_the_decode_threads(run: Path) -> None:
     finally:
         torch.set_num_threads(before)
     assert result.exit_code == 0, result.stderr
-    assert "cpu" in result.stderr and "1 thread\n" in result.stderr
+    assert "cpu" in result.stderr and "1 thread (--threads)" in result.stderr
 
 
 def test_decode_threads_default_to_the_idle_cores() -> None:
-    assert decode_threads(3) == 3
-    assert 1 <= decode_threads() <= torch.get_num_threads()
+    assert decode_threads(3) == ThreadChoice(3, "--threads")
+    assert 1 <= decode_threads().count <= len(usable_cpus())
 
 
 @pytest.mark.parametrize(
-    ("load", "reserved", "expected"),
-    [(0.0, 0, 8), (0.0, 1, 7), (2.6, 0, 5), (2.6, 1, 4), (7.8, 1, 1), (30.0, 0, 1)],
+    ("busy", "reserved", "expected"),
+    [
+        (0.0, 0, (8, "8 of 8 cores idle now")),
+        (0.3, 1, (7, "8 of 8 cores idle now, 1 kept for HTTP")),
+        (2.6, 0, (5, "5 of 8 cores idle now")),
+        (2.6, 1, (4, "5 of 8 cores idle now, 1 kept for HTTP")),
+        (7.8, 1, (1, "0 of 8 cores idle now, 1 kept for HTTP")),
+        (None, 0, (8, "every core")),
+        (None, 1, (7, "every core, 1 kept for HTTP")),
+    ],
 )
-def test_decode_threads_are_the_idle_cores_less_the_reserved(
-    monkeypatch: pytest.MonkeyPatch, load: float, reserved: int, expected: int
+def test_decode_threads_are_the_cores_idle_now_less_the_reserved(
+    monkeypatch: pytest.MonkeyPatch, busy: float | None, reserved: int, expected: tuple
 ) -> None:
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr("os.getloadavg", lambda: (load, 0.0, 0.0))
-    assert decode_threads(reserved=reserved) == expected
+    monkeypatch.setattr(device, "usable_cpus", lambda: list(range(8)))
+    monkeypatch.setattr(device, "busy_cpus_now", lambda cpus: busy)
+    assert decode_threads(reserved=reserved) == ThreadChoice(*expected)
+
+
+def test_busy_cpus_now_sees_a_busy_process() -> None:
+    """A process spinning on one CPU shows as that CPU busy right now (the load average, used
+    before, lags by a minute both ways)."""
+    cpu = usable_cpus()[-1]
+    if device.busy_cpus_now([cpu]) is None:
+        pytest.skip("no /proc/stat on this OS: decoding uses every core")
+    code = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    spin = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.3)
+        busy = device.busy_cpus_now([cpu], sample_s=0.3)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy is not None and busy > 0.8
 
 
 def test_cli_seeded_samples_are_reproducible(run: Path) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -98,28 +100,78 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def decode_threads(requested: int | None = None, reserved: int = 0) -> int:
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many CPU threads decoding uses, and why (generate and serve print it at start-up)."""
+
+    count: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.count} thread{'s' * (self.count != 1)} ({self.reason})"
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def busy_cpus_now(cpus: list[int], sample_s: float = 0.05) -> float | None:
+    """How many of `cpus` other processes keep busy right now: their non-idle time over a short
+    sample of /proc/stat (this process sleeps meanwhile); None where there is no /proc/stat."""
+
+    def read() -> dict[int, tuple[int, int]]:
+        times = {}
+        with open("/proc/stat", encoding="ascii") as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit():
+                    values = [int(v) for v in fields]
+                    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+                    times[int(name[3:])] = (sum(values), idle)
+        return times
+
+    try:
+        before = read()
+        time.sleep(sample_s)
+        after = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for cpu in cpus:
+        if cpu in before and cpu in after:
+            total = after[cpu][0] - before[cpu][0]
+            idle = after[cpu][1] - before[cpu][1]
+            busy += (total - idle) / total if total > 0 else 0.0
+    return busy
+
+
+def decode_threads(requested: int | None = None, reserved: int = 0) -> ThreadChoice:
     """CPU threads for decoding: `requested`, else the cores this process may use that other
-    processes leave idle (by the 1-minute load average, rounded), less `reserved` (serve keeps
-    one for its event loop); at least 1.
+    processes leave idle right now (a 50 ms look at /proc/stat; every core where the OS does not
+    say), less `reserved` (serve keeps one for its event loop); at least 1.
 
     Each matrix-vector product of a decode step is split across the threads and waits for the
     slowest, so a thread sharing its core with another busy process stalls every product.
     Measured on a 2-core machine with one other busy process: 1 thread decoded the bench model
     at ~250 tokens/s, 2 threads at 10-60; on the idle machine 2 threads reached ~400
-    (benchmarks/bench_generate.py). Serving measured 2 threads 3-5x slower per step than 1 on
-    2 shared cores (README, serve section).
+    (benchmarks/bench_generate.py). The 1-minute load average, used before, still counts work that
+    ended seconds ago: right after a benchmark it chose 1 thread on an idle 2-core machine (278
+    tokens/s against 351 with 2).
     """
     if requested is not None:
-        return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    idle = cores
-    with contextlib.suppress(AttributeError, OSError):  # no load average on Windows
-        idle = min(cores, round(cores - os.getloadavg()[0]))
-    return max(1, idle - reserved)
+        return ThreadChoice(requested, "--threads")
+    cpus = usable_cpus()
+    busy = busy_cpus_now(cpus)
+    kept = f", {reserved} kept for HTTP" if reserved else ""
+    if busy is None:
+        return ThreadChoice(max(1, len(cpus) - reserved), f"every core{kept}")
+    idle = max(0, min(len(cpus), round(len(cpus) - busy)))
+    count = max(1, idle - reserved)
+    return ThreadChoice(count, f"{idle} of {len(cpus)} cores idle now{kept}")
 
 
 def _mps_supports_bf16() -> bool:

@@ -127,15 +127,16 @@ def run_generate(config: GenerateConfig) -> None:
 
     device = pick_device(config.device)
     dtype = resolve_decode_dtype(config.dtype, device)
+    threads = ""
     if device.type == "cpu":
-        torch.set_num_threads(decode_threads(config.threads))
+        choice = decode_threads(config.threads)
+        torch.set_num_threads(choice.count)
+        threads = f" · {choice}"
     path = find_checkpoint(config.run_dir, config.checkpoint)
     loaded = load_checkpoint(path, device, dtype)
     tokenizer = load_run_tokenizer(loaded, config.tokenizer)
     model = loaded.model
     context = model.config.context
-    count = torch.get_num_threads()
-    threads = f" · {count} thread{'s' * (count != 1)}" if device.type == "cpu" else ""
     console.info(
         f"{path} · {model.num_parameters() / 1e6:.1f}M parameters · {device.type} "
         f"{DTYPE_NAMES[dtype]}{threads}"

@@ -652,7 +652,8 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
     (`run_server` starts it)."""
     import torch
 
-    from mllm.device import decode_threads, pick_device, resolve_decode_dtype
+    from mllm.console import info
+    from mllm.device import DTYPE_NAMES, decode_threads, pick_device, resolve_decode_dtype
     from mllm.train.checkpoint import STATE, load_checkpoint, load_run_tokenizer, run_dir_of
 
     device = pick_device(config.device)
@@ -665,7 +666,10 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
             f"{vocab_size}: pass the run's own tokenizer.json"
         )
-    torch.set_num_threads(decode_threads(config.threads, reserved=1))
+    if device.type == "cpu":
+        choice = decode_threads(config.threads, reserved=1)
+        torch.set_num_threads(choice.count)
+        info(f"decoding on cpu {DTYPE_NAMES[dtype]} with {choice}")
     tokens = TokenTable.of(tokenizer, vocab_size)
     engine = Engine(
         loaded.model,
