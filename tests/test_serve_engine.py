@@ -15,7 +15,16 @@ from fixtures import tiny_model, train_tiny_tokenizer
 from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
-from mllm.serve.engine import Completion, Engine, Event, Failed, Finished, QueueFull, TextDelta
+from mllm.serve.engine import (
+    Completion,
+    Engine,
+    Event,
+    Failed,
+    Finished,
+    Logprobs,
+    QueueFull,
+    TextDelta,
+)
 from mllm.textstream import TextStream, token_byte_table
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -248,3 +257,21 @@ def test_submit_refuses_new_work_while_max_waiting_sequences_wait(model, tokeniz
         assert late.end == Finished("length", 3)
     finally:
         engine.stop()
+
+
+def test_a_sampled_tokens_logprobs_come_with_its_text(model, tokenizer) -> None:
+    """One event per sampled token carries both, so a stream's chunk never holds a token's
+    logprobs without its text (or the text without them)."""
+    engine = Engine(model, token_byte_table(tokenizer), tokenizer.token_to_id(EOT), 2)
+    params = SamplingParams(temperature=1.0)
+    pairs = [sequence(tokenizer, p, 10, params, seed=3, logprobs=2) for p in PROMPTS[:2]]
+    engine.start()
+    try:
+        outcomes = run(engine, pairs)
+    finally:
+        engine.stop()
+    for outcome in outcomes:
+        deltas = [e for e in outcome.events if isinstance(e, TextDelta)]
+        assert not any(isinstance(e, Logprobs) for e in outcome.events)  # no prompt scoring asked
+        assert sum(len(delta.logprobs) for delta in deltas) == outcome.end.completion_tokens
+        assert all(len(delta.logprobs) == 1 for delta in deltas if delta.text)

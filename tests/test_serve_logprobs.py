@@ -22,7 +22,7 @@ from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
 from mllm.serve import engine as engine_module
-from mllm.serve.engine import Completion, Engine, Finished, Logprobs
+from mllm.serve.engine import Completion, Engine, Finished, TextDelta
 from mllm.serve.logprobs import TokenTable
 from mllm.train.checkpoint import find_checkpoint, load_checkpoint
 
@@ -495,9 +495,14 @@ def test_only_rows_that_ask_pay_for_logprobs(tokenizer: Tokenizer, monkeypatch) 
         forwards = 0
         with_logprobs = run(logprobs=2)
         assert forwards == 6 and scored_rows == [1] * 6
-        entries = [e for e in with_logprobs if isinstance(e, Logprobs)]
-        assert [len(e.entries) for e in entries] == [1] * 6
-        assert [e for e in with_logprobs if not isinstance(e, Logprobs)] == plain
+        # each token's logprobs come with its text, in one event; the texts are those of `plain`
+        deltas = [e for e in with_logprobs if isinstance(e, TextDelta)]
+        assert sum(len(e.logprobs) for e in deltas) == 6
+        texts = [e.text for e in plain if isinstance(e, TextDelta)]
+        assert [e.text for e in deltas if e.text] == texts
+        assert [e for e in with_logprobs if not isinstance(e, TextDelta)] == [
+            e for e in plain if not isinstance(e, TextDelta)
+        ]
         forwards, scored_rows[:] = 0, []
         run(logprobs=2, score_prompt=True)
         assert forwards == 7  # the prompt's full forward, once
@@ -522,6 +527,6 @@ def test_only_rows_that_ask_pay_for_logprobs(tokenizer: Tokenizer, monkeypatch) 
         )
         assert done[0].wait(30) and done[1].wait(30)
         assert set(scored_rows) == {1}
-        assert not any(isinstance(e, Logprobs) for e in events[1])
+        assert not any(isinstance(e, TextDelta) and e.logprobs for e in events[1])
     finally:
         engine.stop()

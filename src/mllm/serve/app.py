@@ -269,6 +269,8 @@ def apply_event(choice: ChoiceState, event: Event) -> None:
     """Record an event; a failure becomes a 500 for the request."""
     if isinstance(event, TextDelta):
         choice.text.append(event.text)
+        if event.logprobs and choice.logprobs is not None:
+            choice.logprobs.add(event.logprobs, False)
     elif isinstance(event, Logprobs):
         if choice.logprobs is not None:
             choice.logprobs.add(event.entries, event.prompt)

@@ -47,10 +47,25 @@ from mllm.textstream import TextStream
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability (fp32, from the model's raw logits) and the likeliest
+    tokens at its position, likeliest first, plus the token itself where it is not among them.
+    The first token of a prompt has neither (nothing precedes it): None, None."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] | None
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """New text of a sequence, ready to show."""
+    """New text of a sequence, ready to show, with the log-probabilities (when asked) of the
+    token that brought it, in one event, so a stream's chunk carries both together. The text
+    may be "" (a token whose bytes end inside a character, or that may start a stop string);
+    `logprobs` is () when not asked."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,23 +84,12 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
-    """One token with its log-probability (fp32, from the model's raw logits) and the likeliest
-    tokens at its position, likeliest first, plus the token itself where it is not among them.
-    The first token of a prompt has neither (nothing precedes it): None, None."""
-
-    token: int
-    logprob: float | None
-    top: tuple[tuple[int, float], ...] | None
-
-
-@dataclass(frozen=True)
 class Logprobs:
-    """Log-probabilities of tokens, in order: of the prompt (score_prompt) before anything else,
-    then of each sampled token, sent before that token's text."""
+    """Log-probabilities of the prompt's tokens (score_prompt), all in one event, before anything
+    else (a sampled token's come with its text: TextDelta.logprobs)."""
 
     entries: tuple[TokenLogprob, ...]
-    prompt: bool = False  # the prompt's tokens (all of them, in one event)
+    prompt: bool = True
 
 
 Event = TextDelta | Finished | Failed | Logprobs
@@ -359,16 +363,17 @@ class Engine:
         return dict(zip(wanted, token_logprobs(logits, sampled, ks), strict=True))
 
     def _accept(self, row: Row, token: int, logprob: TokenLogprob | None = None) -> None:
-        """A newly sampled token: send its logprobs (if asked) and its text, or end the row."""
-        if logprob is not None:
-            self._send(row.sequence, Logprobs((logprob,)))
+        """A newly sampled token: send its text with its logprobs (if asked), or end the row."""
+        entries = () if logprob is None else (logprob,)
         row.generated += 1
         if token == self.eot_id:
+            if entries:  # listed, as usage counts it, though it adds no text
+                self._send(row.sequence, TextDelta("", entries))
             self._finish(row, "stop")
             return
         text = row.text.push(token)
-        if text:
-            self._send(row.sequence, TextDelta(text))
+        if text or entries:
+            self._send(row.sequence, TextDelta(text, entries))
         if row.text.stopped:
             self._finish(row, "stop")
         elif row.generated >= row.sequence.max_tokens:
