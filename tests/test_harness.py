@@ -46,6 +46,8 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
 """
     )
     return task
@@ -115,3 +117,15 @@ def test_unknown_tasks_and_limit_without_tasks_are_usage_errors(legacy: Path, ru
     assert result.returncode == 2 and "task file not found" in one_error_line(result)
     result = eval_tasks(run_cli, legacy, "--limit", "3")
     assert result.returncode == 2 and "--limit applies to --tasks" in one_error_line(result)
+
+
+def test_broken_task_files_are_one_line(legacy: Path, run_cli) -> None:
+    (legacy / "bad.yaml").write_text("task: [unclosed\n")
+    result = eval_tasks(run_cli, legacy, "--tasks", "bad.yaml", "-q")
+    assert result.returncode == 2
+    assert "bad.yaml is not a task file lm-eval reads: line 2" in one_error_line(result)
+    broken = (legacy / "tiny_mc.yaml").read_text().replace("{{context}}", "{{no_such_field}}")
+    (legacy / "broken.yaml").write_text(broken.replace("task: tiny_mc", "task: broken_mc"))
+    result = eval_tasks(run_cli, legacy, "--tasks", "broken.yaml", "-q")
+    assert result.returncode == 1
+    assert "lm-eval could not run it: UndefinedError" in one_error_line(result)

@@ -122,6 +122,11 @@ def test_resume_from_must_be_a_checkpoint_of_the_run_dir(legacy: Path, run_cli) 
     )  # fmt: skip
     assert result.returncode == 2
     assert "is not a checkpoint of --run-dir run" in one_error_line(result)
+    result = run_cli(
+        "train", "--data-dir", "data", "--run-dir", "run", "--resume-from", "nothere", cwd=legacy
+    )
+    assert result.returncode == 2
+    assert "--resume-from nothere is not a checkpoint folder" in one_error_line(result)
 
 
 def test_trainer_pt_without_optimizer_state_is_damaged(tmp_path: Path) -> None:

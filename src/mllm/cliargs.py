@@ -32,7 +32,7 @@ from rich.markup import escape
 
 from mllm.console import error as console_error
 from mllm.console import set_quiet
-from mllm.errors import MllmError, UsageError
+from mllm.errors import MllmError, UsageError, parse_error_line
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -158,10 +158,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as e:  # the parsers raise their own error types
-        mark = getattr(e, "problem_mark", None)  # YAML errors know where they are
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        message = str(getattr(e, "problem", None) or e).splitlines()[0]
-        raise UsageError(f"config file {path} does not parse{where}: {message}") from None
+        raise UsageError(f"config file {path} does not parse: {parse_error_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

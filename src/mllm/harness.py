@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mllm.config import EvalConfig
-from mllm.errors import MllmError, UsageError
+from mllm.errors import MllmError, UsageError, first_line, parse_error_line
 from mllm.model import GPT
 
 
@@ -49,7 +49,12 @@ def resolve_tasks(specs: list[str]) -> tuple[list[Any], Any]:
             path = Path(spec)
             if not path.is_file():
                 raise UsageError(f"--tasks: task file not found: {path}")
-            resolved.append(load_yaml(str(path.absolute()), resolve_func=True))
+            try:
+                resolved.append(load_yaml(str(path.absolute()), resolve_func=True))
+            except Exception as e:  # YAML syntax, a bad !function, ...: the parsers' own types
+                raise UsageError(
+                    f"--tasks: {path} is not a task file lm-eval reads: {parse_error_line(e)}"
+                ) from None
             continue
         matches = manager.match_tasks([spec])
         if not matches:
@@ -206,9 +211,19 @@ def run_tasks(config: EvalConfig) -> dict[str, dict[str, Any]]:
         f"lm-eval tasks {', '.join(specs)} on {checkpoint} ({device.type}, {DTYPE_NAMES[dtype]})"
     )
     lm = make_lm(loaded.model, tokenizer, eot_id, dtype, config.batch_size)
-    output = simple_evaluate(
-        model=lm, tasks=tasks, task_manager=manager, limit=config.limit, log_samples=False
-    )
+    try:
+        output = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=config.limit, log_samples=False
+        )
+    except MllmError:
+        raise
+    except Exception as e:  # a task's data, template or config: lm-eval's and datasets' types
+        hub = " (hub tasks need the Hugging Face Hub; offline, give a task YAML over local files)"
+        offline = "offline" in str(e).lower() or "couldn't reach" in str(e).lower()
+        raise MllmError(
+            f"--tasks {','.join(specs)}: lm-eval could not run it: {type(e).__name__}: "
+            f"{first_line(e)}{hub if offline else ''}"
+        ) from None
     if output is None:
         raise MllmError("lm-eval returned no results")
     # lm-eval's metric keys are "metric,filter" ("acc,none"); "alias", "name", "sample_len" are

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mllm.console import is_quiet, progress_enabled
-from mllm.errors import MllmError, UsageError
+from mllm.errors import MllmError, UsageError, first_line
 
 END_OF_TEXT = "<|endoftext|>"
 SEPARATOR_RE = re.compile(re.escape(END_OF_TEXT) + "|\x00")
@@ -364,9 +364,8 @@ def _hub_documents(spec: SourceSpec, layouts: dict[str, str], batch_size: int) -
     except MllmError:
         raise
     except Exception as e:  # datasets raises many types (connection, not found, bad config)
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MllmError(
-            f"cannot stream hub dataset {spec.hub} for source {spec.name!r}: {first_line}"
+            f"cannot stream hub dataset {spec.hub} for source {spec.name!r}: {first_line(e)}"
         ) from e
 
 
@@ -403,9 +402,8 @@ def _file_documents(
             "the folder/glob"
         ) from None
     except Exception as e:  # pyarrow / json errors on a corrupt or mislabelled file
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MllmError(
-            f"--source {spec.name}: cannot read {path} as {builder}: {first_line}"
+            f"--source {spec.name}: cannot read {path} as {builder}: {first_line(e)}"
         ) from e
 
 

@@ -38,7 +38,7 @@ from mllm.config import ModelConfig, TrainConfig
 from mllm.console import warn
 from mllm.data.datadir import DATA_JSON, TOKENIZER, data_json_path, tokenizer_path
 from mllm.data.meta import DataMeta
-from mllm.errors import MllmError
+from mllm.errors import MllmError, first_line
 from mllm.fileio import (
     atomic_write_bytes,
     atomic_write_json,
@@ -187,12 +187,6 @@ def step_of(checkpoint: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def first_line(error: BaseException) -> str:
-    """An error's first sentence (torch's zip reader appends a paragraph of advice)."""
-    text = str(error).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
-
-
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -210,7 +204,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     found: dict[int, Path] = {}
     for child in sorted(folder.iterdir(), key=lambda path: path.name.startswith(REPLACED_PREFIX)):
         step = step_of(child)
-        if step is not None and (child / STATE).is_file() and (child / WEIGHTS).is_file():
+        if step is not None and is_checkpoint(child):
             found.setdefault(step, child)  # step_N first, so it wins
     return [found[step] for step in sorted(found)]
 
@@ -227,7 +221,12 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     name = read_json(pointer, BEST).get("checkpoint")
     path = checkpoints_dir(run_dir) / str(name)
-    return path if (path / STATE).is_file() and (path / WEIGHTS).is_file() else None
+    return path if is_checkpoint(path) else None
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """Whether `folder` is a complete checkpoint folder (its state.json and weights exist)."""
+    return (Path(folder) / STATE).is_file() and (Path(folder) / WEIGHTS).is_file()
 
 
 def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
@@ -235,7 +234,7 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -
     its latest; one clear MllmError when there is none."""
     if checkpoint is not None:
         path = Path(checkpoint)
-        if not (path / STATE).is_file() or not (path / WEIGHTS).is_file():
+        if not is_checkpoint(path):
             raise MllmError(f"{path} is not a checkpoint folder (it needs {STATE} and {WEIGHTS})")
         return path
     run_dir = Path(run_dir)

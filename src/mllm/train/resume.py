@@ -129,7 +129,12 @@ def checkpoint_to_resume(run_dir: Path, resume: bool, resume_from: Path | None) 
     where there is nothing to resume, a --resume-from that is not a checkpoint of --run-dir, and
     a new run over an existing one (never overwritten)."""
     if resume_from is not None:
-        found = ckpt.find_checkpoint(run_dir, resume_from)
+        if not ckpt.is_checkpoint(resume_from):
+            raise UsageError(
+                f"--resume-from {resume_from} is not a checkpoint folder (it needs "
+                f"{ckpt.STATE} and {ckpt.WEIGHTS}): pass one of {ckpt.checkpoints_dir(run_dir)}/"
+            )
+        found = Path(resume_from)
         if run_dir_of_resolved(found) != Path(run_dir).resolve():
             raise UsageError(
                 f"--resume-from {resume_from} is not a checkpoint of --run-dir {run_dir}: pass "

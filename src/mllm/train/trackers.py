@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mllm.config import TrainConfig
-from mllm.console import warn
+from mllm.console import is_quiet, warn
 from mllm.fileio import atomic_write_text
 
 TENSORBOARD_DIR = "tensorboard"
@@ -112,6 +112,8 @@ class WandbTracker:
         run_id = None
         if resume_step is not None and id_file.is_file():
             run_id = id_file.read_text(encoding="utf-8").strip() or None
+        if is_quiet():  # --quiet silences wandb's banner and summary too (WANDB_SILENT wins)
+            os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(config=config, **wandb_options(run_dir, run_id, os.environ))
         try:
             if not self.run.disabled:
