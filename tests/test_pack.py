@@ -383,12 +383,15 @@ def test_interrupt_mid_way_keeps_previous_outputs(data_dir: Path, tmp_path: Path
     before = snapshot(folder)
     text = (folder / "corpus.txt").read_text(encoding="utf-8")
     with (folder / "corpus.txt").open("w", encoding="utf-8") as f:
-        for i in range(160):  # ~33 MB: seconds of encoding, even on a fast machine
+        for i in range(40):  # ~10 MB: encoding takes a while even on a fast machine
             f.write("".join(f"{i}: {line}\n" for line in text.splitlines()))
     process = subprocess.Popen(
         [sys.executable, "-m", "mllm", "pack", "--data-dir", str(folder), "--workers", "2"],
         stderr=subprocess.PIPE,
         text=True,
+        # A shell that runs the suite in the background (`make test &`) starts it with SIGINT
+        # ignored, which the child would inherit (Python keeps an ignored SIGINT ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not leftovers(folder) and process.poll() is None and time.monotonic() < deadline:
