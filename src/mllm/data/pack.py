@@ -381,6 +381,9 @@ class StagedBins:
                 self.bins[split] = StagedBin(final, temp, open(temp, "wb"))
         except BaseException:
             self._discard()
+            # A Ctrl-C between creating a temporary file and recording it would leave it behind.
+            for split in BINS:
+                remove_stale_temp_files(self.paths.bin(split))
             raise
         return self
 
