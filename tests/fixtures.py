@@ -436,3 +436,56 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:"), result.stderr
     return lines[0]
+
+
+# --- training in a subprocess, and the decoding reference ------------------------------------
+
+
+def start_training(flags: list[str], cwd: Path) -> subprocess.Popen[str]:
+    """`mllm train FLAGS...` in a subprocess (to kill or signal mid-run)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mllm", "train", *flags],
+        cwd=cwd,
+        env={**os.environ, **CLI_ENV, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(
+    process: subprocess.Popen[str], run_dir: Path, step: int, timeout: float = 120
+) -> None:
+    """Poll metrics.jsonl until a training record of `step` or later is there (and a checkpoint)."""
+    from mllm.train.checkpoint import latest_checkpoint
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"training ended early: {process.communicate()[1]}"
+        if latest_checkpoint(run_dir) is not None:
+            try:
+                if any(s >= step for s, _ in train_losses(run_dir)):
+                    return
+            except ValueError:  # a line being written
+                pass
+        time.sleep(0.005)
+    raise AssertionError(f"step {step} not reached")
+
+
+def greedy_by_full_recompute(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
+    """The reference for cached decoding: no cache, the whole window through the model for every
+    token, with the documented window policy (the last `context` tokens of the prompt; once the
+    context is full, slide to the last `slide_keep(context)` tokens), on the model's device."""
+    from mllm.generate import slide_keep
+
+    context = model.config.context
+    device = model.head_weight.device
+    tokens, start, out = list(prompt), max(0, len(prompt) - context), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            if len(tokens) - start > context:
+                start = len(tokens) - slide_keep(context)
+            logits = model(torch.tensor([tokens[start:]], device=device))[0, -1]
+            out.append(int(logits.argmax()))
+            tokens.append(out[-1])
+    return out

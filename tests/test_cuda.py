@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,12 +31,15 @@ from fixtures import (
     VOCAB,
     config_for,
     config_from_flags,
+    greedy_by_full_recompute,
     read_metrics,
+    start_training,
     tiny_flags,
     tiny_model,
     train_losses,
     train_tiny_tokenizer,
     val_losses,
+    wait_for_step,
     write_data_dir,
     write_tiny_run,
 )
@@ -45,7 +47,7 @@ from mllm.config import EvalConfig, ModelConfig
 from mllm.data.tokenizer import EOT, load_tokenizer
 from mllm.decode import Decoder
 from mllm.evaluate import evaluate
-from mllm.generate import fit_prompt, generate_ids, slide_keep
+from mllm.generate import fit_prompt, generate_ids
 from mllm.model import GPT
 from mllm.sampling import SamplingParams
 from mllm.serve.engine import Completion, Engine, Event, Failed, Finished, TextDelta
@@ -125,32 +127,6 @@ def test_training_steps_learn_on_the_gpu(
 # --- resume after a kill -------------------------------------------------------------------------
 
 
-def start_training(flags: list[str], cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mllm", "train", *flags],
-        cwd=cwd,
-        env={**os.environ, **CLI_ENV, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_step(process: subprocess.Popen[str], run_dir: Path, step: int) -> None:
-    """Poll metrics.jsonl until a training record of `step` or later is there (and a checkpoint)."""
-    deadline = time.monotonic() + 180  # the child's CUDA start-up included
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"training ended early: {process.communicate()[1]}"
-        if ckpt.latest_checkpoint(run_dir) is not None:
-            try:
-                if any(s >= step for s, _ in train_losses(run_dir)):
-                    return
-            except ValueError:  # a line being written
-                pass
-        time.sleep(0.005)
-    raise AssertionError(f"step {step} not reached")
-
-
 def test_sigkill_then_resume_on_the_gpu_logs_the_same_losses(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -170,7 +146,7 @@ def test_sigkill_then_resume_on_the_gpu_logs_the_same_losses(
 
     killed = tmp_path / "killed"
     process = start_training(tiny_flags(data_dir, killed, **common), tmp_path)
-    wait_for_step(process, killed, 15)
+    wait_for_step(process, killed, 15, timeout=180)  # the child's CUDA start-up included
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
@@ -243,21 +219,6 @@ def tiny_gpt(dtype: torch.dtype, context: int = 16, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=97, context=context, d_model=32, layers=2, heads=4)
     return GPT(config).to(device="cuda", dtype=dtype).eval()
-
-
-def greedy_by_full_recompute(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
-    """No cache: the whole window through the model for every token, with generate's window
-    policy (the last `context` tokens; once full, slide to the last `slide_keep(context)`)."""
-    context = model.config.context
-    tokens, start, out = list(prompt), max(0, len(prompt) - context), []
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            if len(tokens) - start > context:
-                start = len(tokens) - slide_keep(context)
-            logits = model(torch.tensor([tokens[start:]], device="cuda"))[0, -1]
-            out.append(int(logits.argmax()))
-            tokens.append(out[-1])
-    return out
 
 
 @pytest.mark.parametrize(("prompt_len", "new_tokens"), [(1, 12), (5, 40), (45, 25)])

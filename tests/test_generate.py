@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from fixtures import train_tiny_tokenizer, write_tiny_run
+from fixtures import greedy_by_full_recompute, train_tiny_tokenizer, write_tiny_run
 from mllm import device
 from mllm.cli import app
 from mllm.config import ModelConfig
@@ -34,22 +34,6 @@ def tiny_gpt(context: int = 16, seed: int = 0, dtype: torch.dtype = torch.float6
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=97, context=context, d_model=32, layers=2, heads=4)
     return GPT(config).to(dtype).eval()
-
-
-def greedy_by_full_recompute(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
-    """The reference: no cache, the whole window through the model for every token, with the
-    documented window policy (the last `context` tokens of the prompt; once the context is full,
-    slide to the last `slide_keep(context)` tokens)."""
-    context = model.config.context
-    tokens, start, out = list(prompt), max(0, len(prompt) - context), []
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            if len(tokens) - start > context:
-                start = len(tokens) - slide_keep(context)
-            logits = model(torch.tensor([tokens[start:]]))[0, -1]
-            out.append(int(logits.argmax()))
-            tokens.append(out[-1])
-    return out
 
 
 def greedy_with_cache(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:

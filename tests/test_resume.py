@@ -7,9 +7,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +19,11 @@ from fixtures import (
     config_for,
     config_from_flags,
     read_metrics,
+    start_training,
     tiny_flags,
     train_losses,
     val_losses,
+    wait_for_step,
     write_data_dir,
 )
 from mllm.config import TrainConfig
@@ -44,32 +43,6 @@ def data_dir(tmp_path: Path) -> Path:
 def resume_config(run_dir: Path, *flags: str | Path) -> TrainConfig:
     """What `mllm train --run-dir RUN_DIR --resume FLAGS...` resolves to."""
     return config_from_flags(["--run-dir", run_dir, "--resume", *flags])
-
-
-def start_training(flags: list[str], cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mllm", "train", *flags],
-        cwd=cwd,
-        env={**os.environ, **CLI_ENV, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_step(process: subprocess.Popen[str], run_dir: Path, step: int) -> None:
-    """Poll metrics.jsonl until a training record of `step` or later is there (and a checkpoint)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"training ended early: {process.communicate()[1]}"
-        if ckpt.latest_checkpoint(run_dir) is not None:
-            try:
-                if any(s >= step for s, _ in train_losses(run_dir)):
-                    return
-            except ValueError:  # a line being written
-                pass
-        time.sleep(0.005)
-    raise AssertionError(f"step {step} not reached")
 
 
 def test_sigkill_then_resume_logs_bitwise_the_same_losses(data_dir: Path, tmp_path: Path) -> None:
