@@ -35,18 +35,26 @@ def torchrun(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+# Muon orthogonalises in bf16, which turns the all-reduce's different summation order (a few
+# ulps of fp32 in the gradients) into differences of about 1e-5 in the losses; AdamW's stay
+# below 1e-6.
+TOLERANCE = {"adamw": 1e-6, "muon": 1e-4}
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_two_processes_match_one_and_resume_exactly(tmp_path: Path, optimizer: str) -> None:
     data_dir = tmp_path / "data"
     write_data_dir(data_dir)
     two = tmp_path / "two"
-    result = torchrun(*tiny_flags(data_dir, two, batch_size=4, **COMMON), cwd=tmp_path)
+    common = {**COMMON, "optimizer": optimizer}
+    result = torchrun(*tiny_flags(data_dir, two, batch_size=4, **common), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("parameters (d_model") == 1  # rank 0 alone prints
     assert "2 processes" in result.stderr
 
     one = tmp_path / "one"
-    train(config_for(data_dir, one, batch_size=8, **COMMON))  # one process, in this one
+    train(config_for(data_dir, one, batch_size=8, **common))  # one process, in this one
 
     # Same windows per step, loss averaged over ranks, gradients all-reduced: the same run.
     for got, expected in [
@@ -54,7 +62,8 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
         (val_losses(two), val_losses(one)),
     ]:
         assert [step for step, _ in got] == [step for step, _ in expected]
-        assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+        losses = [loss for _, loss in expected]
+        assert [loss for _, loss in got] == pytest.approx(losses, rel=TOLERANCE[optimizer])
     state = ckpt.read_state(ckpt.latest_checkpoint(two))
     assert state.world_size == 2 and state.tokens_seen == 8 * 2 * 8 * 32
 
@@ -62,7 +71,7 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
     # redoes steps 5-8 from step 4 and logs bit for bit what it logged the first time.
     first_time = train_losses(two)
     shutil.rmtree(ckpt.latest_checkpoint(two))
-    result = torchrun(*tiny_flags(data_dir, two, batch_size=4, **COMMON), "--resume", cwd=tmp_path)
+    result = torchrun(*tiny_flags(data_dir, two, batch_size=4, **common), "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
     assert train_losses(two) == first_time

@@ -30,9 +30,9 @@ from mllm.train import checkpoint as ckpt
 from mllm.train.checkpoint import DataPosition
 from mllm.train.loop import train
 from mllm.train.metrics import MetricsLog, read_records
-from mllm.train.optim import lr_at
 from mllm.train.plan import total_steps_for
 from mllm.train.resume import WindowStream, merge_resume_config, rank_micro_starts
+from mllm.train.schedule import lr_at
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training on one thread
 
@@ -198,13 +198,21 @@ def test_a_tokenizer_changed_after_pack_is_refused_for_a_new_run(
 
 def test_optimizer_options_given_to_resume_take_effect(data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
-    train(config_for(data_dir, run_dir, max_steps=1, weight_decay=0.1, beta2=0.95))
-    resumed = train(
-        config_for(data_dir, run_dir, max_steps=2, resume=True, weight_decay=0.0, beta2=0.99)
-    )
-    groups = ckpt.read_trainer_state(resumed.checkpoint)["optimizer"]["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
-    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in groups)
+    first = {"weight_decay": 0.1, "beta2": 0.95, "muon_momentum": 0.9}
+    train(config_for(data_dir, run_dir, max_steps=1, **first))
+    given = {"weight_decay": 0.0, "beta2": 0.99, "muon_momentum": 0.8, "muon_lr": 0.01}
+    resumed = train(config_for(data_dir, run_dir, max_steps=2, resume=True, **given))
+    muon, adamw = ckpt.read_trainer_state(resumed.checkpoint)["optimizer"]["optimizers"]
+    assert [g["weight_decay"] for g in adamw["param_groups"]] == [0.0, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in adamw["param_groups"])
+    assert all(g["momentum"] == 0.8 and g["peak_lr"] == 0.01 for g in muon["param_groups"])
+
+
+def test_resume_refuses_another_optimizer(data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    train(config_for(data_dir, run_dir, max_steps=1, optimizer="adamw"))
+    with pytest.raises(UsageError, match="trained with --optimizer adamw"):
+        train(config_for(data_dir, run_dir, max_steps=2, resume=True, optimizer="muon"))
 
 
 def test_a_resumed_runs_config_json_starts_a_new_run(data_dir: Path, tmp_path: Path) -> None:
@@ -312,6 +320,8 @@ def test_step_loss_matches_a_plain_forward(data_dir: Path, tmp_path: Path) -> No
     first = read_metrics(tmp_path / "r")[0]["loss"]
     torch.manual_seed(config.seed)
     model = GPT(config.model.model_copy(update={"vocab_size": VOCAB}))
+    assert config.zero_init_residual  # the default
+    model.zero_residual_projections()
     windows = TokenWindows(data_dir / "train.bin", "uint16", 32)
     stream = WindowStream(windows, config.batch_size, config.seed, None)
     x, y = windows.gather(stream.next_starts())

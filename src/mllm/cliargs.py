@@ -66,6 +66,11 @@ def _is_model(tp: Any) -> bool:
     return inspect.isclass(tp) and issubclass(tp, BaseModel)
 
 
+def _extra(field: FieldInfo) -> dict[str, Any]:
+    """The field's json_schema_extra: how its flag differs from the default (name, CLI type)."""
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
 def flag_specs(config_cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[FlagSpec]:
     """All leaf fields of a config class (nested models flattened) as flags."""
     specs: list[FlagSpec] = []
@@ -73,8 +78,7 @@ def flag_specs(config_cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> lis
         if _is_model(field.annotation):
             specs.extend(flag_specs(field.annotation, (*prefix, name)))
             continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        flag = str(extra.get("flag") or "--" + name.replace("_", "-"))
+        flag = str(_extra(field).get("flag") or "--" + name.replace("_", "-"))
         specs.append(FlagSpec((*prefix, name), flag, field.annotation, field))
     return specs
 
@@ -117,6 +121,8 @@ def _typer_parameter(spec: FlagSpec, positional: bool) -> inspect.Parameter:
         else:
             kwargs["metavar"] = "TEXT"
         cli_type: Any = list[item]
+    elif _extra(spec.field).get("cli_type") == "text":  # e.g. a duration: pydantic parses it
+        cli_type = str
     else:
         cli_type = tp  # Literal[...] becomes a choice; bool, Path, int, float, str as they are
     if positional:  # required on the command line (a prompt has no sensible default)

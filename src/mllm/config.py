@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_DATA_DIR = Path("data")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 DEFAULT_RUN_DIR = Path("runs/default")
 
 DeviceName = Annotated[
@@ -35,6 +36,19 @@ TokenizerPath = Annotated[
     Path | None,
     Field(description="tokenizer.json to use (default: the one saved in the run dir)."),
 ]
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "20m", "1.5h"."""
+    value = text.strip().lower()
+    scale = DURATION_UNITS.get(value[-1:])
+    number = value[:-1] if scale is not None else value
+    try:
+        return float(number) * (scale or 1)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a duration: give seconds, or a number with s, m or h (90s, 20m, 2h)"
+        ) from None
 
 
 class CommandConfig(BaseModel):
@@ -169,21 +183,57 @@ class TrainConfig(CommandConfig):
     batch_size: int = Field(16, ge=1, description="Sequences per step per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps to train (default 5000 unless --max-tokens)."
+        None,
+        ge=1,
+        description="Optimizer steps to train (default 5000 unless --max-tokens or "
+        "--time-budget; with --time-budget, a cap).",
     )
     max_tokens: int | None = Field(
         None, ge=1, description="Token budget instead of --max-steps (rounded up to whole steps)."
     )
+    time_budget: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Wall-clock budget of the whole command: seconds, or 90s / 20m / 2h. The run "
+        "plans its steps so that its schedule ends, and it exits, within it.",
+        json_schema_extra={"cli_type": "text"},
+    )
     stride: int | None = Field(
         None, ge=1, description="Ordered windows at this stride (default: random windows)."
     )
-    lr: float = Field(6e-4, gt=0, description="Peak learning rate.")
-    min_lr: float = Field(6e-5, ge=0, description="Learning rate at the end of the cosine.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "muon",
+        description="muon: Muon for the blocks' matrices, AdamW for embeddings and LayerNorms; "
+        "adamw: AdamW for everything.",
+    )
+    lr: float = Field(
+        1e-3, gt=0, description="Peak learning rate of AdamW (with muon: its embeddings, norms)."
+    )
+    min_lr: float = Field(
+        1e-4, ge=0, description="Learning rate at the end of the schedule (Muon's: scaled alike)."
+    )
+    muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of Muon's matrices.")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's (Nesterov) momentum.")
+    muon_weight_decay: float = Field(0.0, ge=0, description="Muon's decoupled weight decay.")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "wsd",
+        description="wsd: warmup, constant, then a linear decay over the last --decay-fraction; "
+        "cosine: warmup, then a cosine to --min-lr.",
+    )
+    decay_fraction: float = Field(
+        0.3, gt=0, le=1, description="Fraction of the run the wsd schedule spends decaying."
+    )
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: off).")
+    zero_init_residual: bool = Field(
+        True,
+        description="Start the blocks' residual output projections (attention out, SwiGLU "
+        "down) at zero: each block begins as the identity.",
+    )
     eval_interval: int = Field(500, ge=1, description="Steps between validation evaluations.")
     eval_batches: int = Field(
         20,
@@ -227,6 +277,20 @@ class TrainConfig(CommandConfig):
     def _lr_range(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        return self
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _budget_plans_in_warmup(self) -> TrainConfig:
+        if self.time_budget is not None and self.schedule == "cosine" and self.warmup_steps < 5:
+            raise ValueError(
+                "--time-budget with --schedule cosine plans the run's steps during the warmup: "
+                "give --warmup-steps 5 or more, or use --schedule wsd"
+            )
         return self
 
     @model_validator(mode="after")

@@ -206,6 +206,10 @@ class SwiGLU(nn.Module):
         return dropout_if_training(down, self.dropout, self.training)
 
 
+# The weights whose outputs add into the residual stream: GPT-2 scales their init down.
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "ffn.down.weight")
+
+
 class Block(nn.Module):
     """One Pre-LN transformer block."""
 
@@ -245,7 +249,7 @@ class GPT(nn.Module):
         1/sqrt(2·layers) so the residual stream's variance does not grow with depth."""
         residual_std = 0.02 / math.sqrt(2 * self.config.layers)
         for name, param in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "ffn.down.weight")):
+            if name.endswith(RESIDUAL_PROJECTIONS):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
             elif param.dim() >= 2:
                 nn.init.normal_(param, mean=0.0, std=0.02)
@@ -253,6 +257,25 @@ class GPT(nn.Module):
                 nn.init.zeros_(param)
             else:  # LayerNorm gains
                 nn.init.ones_(param)
+
+    def zero_residual_projections(self) -> None:
+        """Zero the weights that write into the residual stream (attention out, SwiGLU down):
+        each block starts as the identity and the network as embeddings + head, which learns
+        faster early on (modded-nanogpt's init). Their gradients are not zero, so they move
+        from the first step."""
+        for name, param in self.named_parameters():
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                nn.init.zeros_(param)
+
+    def fused_parts(self) -> dict[str, int]:
+        """Weights that fuse several linear maps along their rows, and how many: each block's
+        Q, K, V (3) and SwiGLU gate, up (2). An optimizer that treats a matrix as one map
+        (Muon) splits these first."""
+        parts = {}
+        for layer in range(self.config.layers):
+            parts[f"blocks.{layer}.attn.qkv.weight"] = 3
+            parts[f"blocks.{layer}.ffn.gate_up.weight"] = 2
+        return parts
 
     @property
     def head_weight(self) -> torch.Tensor:

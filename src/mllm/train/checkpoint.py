@@ -49,6 +49,7 @@ from mllm.fileio import (
     swap_in_folder,
 )
 from mllm.model import GPT
+from mllm.train.budget import TimePlan
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.json"
@@ -122,6 +123,7 @@ class RunState(BaseModel):
     data_position: DataPosition
     train_config: TrainConfig = Field(description="The resolved config (model shape included).")
     data: DataIdentity
+    time_plan: TimePlan | None = Field(None, description="--time-budget's plan, once made.")
     mllm_version: str = __version__
     torch_version: str = Field(default_factory=lambda: torch.__version__)
 
@@ -134,6 +136,18 @@ class RunState(BaseModel):
             model = data.pop("model_config")
             if isinstance(data.get("train_config"), dict):
                 data["train_config"] = {**data["train_config"], "model": model}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trained_before_muon(cls, data: Any) -> Any:
+        """A run saved before --optimizer existed (mllm 0.1.0) trained with AdamW, a cosine and
+        GPT-2's init: resuming it keeps those, not today's defaults."""
+        if isinstance(data, dict) and isinstance(data.get("train_config"), dict):
+            saved = data["train_config"]
+            if "optimizer" not in saved:
+                legacy = {"optimizer": "adamw", "schedule": "cosine", "zero_init_residual": False}
+                data = {**data, "train_config": {**legacy, **saved}}
         return data
 
     @property

@@ -31,7 +31,7 @@ from torch import nn
 from mllm.config import TrainConfig
 from mllm.console import err_console, info, set_quiet, warn
 from mllm.data.loader import TokenWindows
-from mllm.device import DTYPE_NAMES, pick_device, resolve_train_dtype
+from mllm.device import DTYPE_NAMES, pick_device, resolve_train_dtype, synchronize
 from mllm.distributed import (
     DistributedInfo,
     comm_device,
@@ -39,15 +39,22 @@ from mllm.distributed import (
     gather_objects,
     init_distributed,
     leave_together,
+    on_rank0,
     shutdown_distributed,
 )
 from mllm.errors import MllmError
 from mllm.model import GPT
 from mllm.scoring import sum_nll
+from mllm.train import budget
 from mllm.train import checkpoint as ckpt
 from mllm.train.flops import device_name, peak_flops
 from mllm.train.metrics import MetricsLog, TrainDisplay, plot_losses
-from mllm.train.optim import build_optimizer, lr_at, set_hyperparameters
+from mllm.train.optim import (
+    Optimizer,
+    build_optimizer,
+    load_optimizer_state,
+    set_learning_rates,
+)
 from mllm.train.plan import RunPlan, decide_run, load_resume_file
 from mllm.train.resume import (
     WindowStream,
@@ -55,6 +62,7 @@ from mllm.train.resume import (
     rank_micro_starts,
     restore_rng_state,
 )
+from mllm.train.schedule import lr_at, lr_factor
 from mllm.train.signals import StopOnSignal
 from mllm.train.step import prepare_model, to_device, train_step
 from mllm.train.tracker import Boundary, NonFiniteLoss, StepStats, StepTracker
@@ -106,7 +114,7 @@ class Run:
     dist: DistributedInfo
     model: GPT  # unwrapped: checkpoints and validation use it
     module: nn.Module  # what a training step calls (compiled / DDP-wrapped)
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     scaler: torch.amp.GradScaler
     stream: WindowStream
     train_windows: TokenWindows
@@ -121,6 +129,9 @@ class Run:
     elapsed_before: float = 0.0  # wall seconds of earlier processes of this run (resumes)
     started: float = field(default_factory=time.perf_counter)
     last_checkpoint: Path | None = None
+    total_steps: int = 0  # the plan's; a --time-budget run fixes it after its first steps
+    time_plan: budget.TimePlan | None = None
+    step_timer: budget.StepTimer | None = None  # timing the first steps of a --time-budget run
 
     @property
     def config(self) -> TrainConfig:
@@ -129,10 +140,6 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return self.config.run_dir
-
-    @property
-    def total_steps(self) -> int:
-        return self.plan.total_steps
 
     @property
     def tokens_per_step(self) -> int:
@@ -158,6 +165,8 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = GPT(config.model)
+    if config.zero_init_residual:
+        model.zero_residual_projections()
     if plan.resume_from is not None:
         load_resume_file(lambda: ckpt.load_weights(plan.resume_from, model))
     model.to(device)
@@ -179,11 +188,17 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
         val_windows=val_windows,
         eval_starts=fixed_eval_starts(val_windows, config.eval_batches * global_batch_rows),
         metrics=MetricsLog(config.run_dir / ckpt.METRICS, enabled=dist_info.is_main),
-        display=TrainDisplay(plan.total_steps, enabled=dist_info.is_main),
+        display=TrainDisplay(
+            None if plan.needs_time_plan else plan.total_steps, enabled=dist_info.is_main
+        ),
         peak_flops=device_peak_flops,
+        total_steps=plan.total_steps,
+        time_plan=plan.time_plan,
     )
     if plan.state is not None and plan.resume_from is not None:
         restore_checkpoint(run, plan.resume_from, plan.state)
+    if plan.needs_time_plan:
+        run.step_timer = budget.StepTimer(config, plan_budget(run), run.step)
     elif dist_info.enabled:
         torch.manual_seed(config.seed + dist_info.rank)  # weights are equal; dropout masks differ
 
@@ -210,8 +225,7 @@ def restore_checkpoint(run: Run, checkpoint: Path, state: ckpt.RunState) -> None
     """Put the optimizer, gradient scaler, data position, RNGs and counters back as they were
     when `checkpoint` was saved (the weights are already loaded)."""
     trainer = load_resume_file(lambda: ckpt.read_trainer_state(checkpoint))
-    run.optimizer.load_state_dict(trainer["optimizer"])
-    set_hyperparameters(run.optimizer, run.config)  # options given to --resume win
+    load_optimizer_state(run.optimizer, trainer["optimizer"], run.config)
     if run.scaler.is_enabled() and trainer.get("scaler"):
         run.scaler.load_state_dict(trainer["scaler"])
     run.stream.load_state_dict(state.data_position)
@@ -244,8 +258,13 @@ def describe_run(run: Run) -> None:
     )
     processes = f", {run.dist.world_size} processes" if run.dist.enabled else ""
     compiled = ", compiled" if run.config.compile else ""
+    length = (
+        f"for {run.config.time_budget:g} s (steps planned once the first are timed)"
+        if run.plan.needs_time_plan
+        else f"{run.total_steps:,} steps"
+    )
     info(
-        f"training {run.total_steps:,} steps of {run.tokens_per_step:,} tokens on {run.device} "
+        f"training {length} of {run.tokens_per_step:,} tokens on {run.device} "
         f"({DTYPE_NAMES[run.dtype]}{compiled}{processes}); run dir {run.run_dir}"
     )
     if run.plan.resume_from is not None:
@@ -274,8 +293,7 @@ def run_loop(run: Run, stop: StopOnSignal) -> TrainResult:
     tracker.start_timer()
     while run.step < run.total_steps:
         lr = lr_at(run.step, run.config, run.total_steps)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(run.optimizer, lr_factor(run.step, run.config, run.total_steps))
         loss, grad_norm = train_step(
             run.module,
             run.optimizer,
@@ -289,6 +307,8 @@ def run_loop(run: Run, stop: StopOnSignal) -> TrainResult:
         run.tokens_seen += run.tokens_per_step
         tracker.add(run.step, lr, loss, grad_norm)
         run.display.step_done(run.step)
+        if run.step_timer is not None:
+            time_the_step(run)
 
         boundary = Boundary.after(run.step, run.config, run.total_steps)
         # One process checks for a signal after every step; ranks agree on it at boundaries.
@@ -312,6 +332,76 @@ def run_loop(run: Run, stop: StopOnSignal) -> TrainResult:
     return TrainResult(run.step, run.last_checkpoint)
 
 
+# --- --time-budget: timing the first steps, then fixing the run's length (train/budget.py) -----
+
+
+def plan_budget(run: Run) -> float:
+    """The budget left to this process: --time-budget less earlier processes' seconds."""
+    assert run.config.time_budget is not None
+    return max(1e-3, run.config.time_budget - run.elapsed_before)
+
+
+def time_the_step(run: Run) -> None:
+    """Record the step's end; once rank 0 has timed enough steps, every rank takes its plan."""
+    assert run.step_timer is not None
+    synchronize(run.device)  # the step's end, not just its launch (a few steps only)
+    run.step_timer.step_done()
+    if on_rank0(lambda: run.step_timer.ready(run.step), run.dist):
+        make_time_plan(run)
+
+
+def make_time_plan(run: Run) -> None:
+    """Fix the run's length from the timed steps (rank 0 decides, every rank follows) and
+    record it in metrics.jsonl; the next checkpoint's state.json holds it too."""
+    assert run.step_timer is not None
+    timer = run.step_timer
+
+    def decide() -> budget.TimePlan:
+        cap = None if run.total_steps == budget.UNPLANNED else run.total_steps
+        return budget.plan_steps(
+            run.config.model_copy(update={"time_budget": timer.budget}),
+            run.step,
+            budget.process_elapsed(),
+            timer.seconds_per_step(),
+            estimate_eval_seconds(run),
+            estimate_checkpoint_seconds(run),
+            cap,
+        )
+
+    plan = on_rank0(decide, run.dist)
+    run.step_timer = None
+    run.time_plan = plan.model_copy(update={"budget": run.config.time_budget})
+    run.total_steps = plan.total_steps
+    run.display.set_total(plan.total_steps)
+    run.metrics.write({"step": run.step, "time_plan": run.time_plan.model_dump()})
+    run.display.note(
+        f"--time-budget {run.config.time_budget:g} s: {plan.total_steps:,} steps planned at step "
+        f"{run.step:,} ({plan.seconds_per_step:.3f} s per step, {budget.process_elapsed():.1f} s "
+        "spent)"
+    )
+    if plan.total_steps <= run.config.warmup_steps:
+        warn(
+            f"the budget fits {plan.total_steps:,} steps, no more than --warmup-steps "
+            f"{run.config.warmup_steps}: the learning rate never reaches its peak"
+        )
+
+
+def estimate_eval_seconds(run: Run) -> float:
+    """One validation's time: one validation batch timed now, times --eval-batches."""
+    starts = run.eval_starts[run.dist.rank :: run.dist.world_size][: run.config.batch_size]
+    began = budget.now()
+    sum_nll(run.model, run.val_windows, starts, run.config.batch_size, run.device, run.dtype)
+    synchronize(run.device)
+    return (budget.now() - began) * run.config.eval_batches
+
+
+def estimate_checkpoint_seconds(run: Run) -> float:
+    """One checkpoint's time: the weights and up to two optimizer moments at a slow disk's
+    200 MB/s, plus half a second of fixed cost (the estimate errs long, not short)."""
+    size = sum(p.numel() * p.element_size() for p in run.model.parameters()) * 3
+    return 0.5 + size / 200e6
+
+
 def log_training(run: Run, stats: StepStats, tracker: StepTracker) -> None:
     """A metrics.jsonl record for the step just done, and the same on screen."""
     steps, seconds, cold = tracker.take_interval()
@@ -328,7 +418,8 @@ def log_training(run: Run, stats: StepStats, tracker: StepTracker) -> None:
         "cold": cold,
     }
     run.metrics.write(record)
-    eta = (run.total_steps - run.step) * seconds / steps if steps else math.inf
+    planned = steps and run.step_timer is None  # a --time-budget run's length is not yet known
+    eta = (run.total_steps - run.step) * seconds / steps if planned else math.inf
     run.display.show(record, eta)
 
 
@@ -384,6 +475,7 @@ def save_checkpoint(run: Run, val_loss: float | None, new_best: bool) -> None:
         data_position=run.stream.state_dict(),
         train_config=run.config.model_copy(update={"resume": False, "resume_from": None}),
         data=ckpt.DataIdentity.of(run.plan.meta),
+        time_plan=run.time_plan,
     )
     trainer_state = ckpt.trainer_state(run.optimizer, run.scaler, rng_states)
     path = ckpt.write_checkpoint(run.run_dir, run.model, state, trainer_state)

@@ -162,7 +162,7 @@ class TrainDisplay:
     TTY; one plain line per log interval elsewhere; nothing with --quiet or on ranks other than 0.
     """
 
-    def __init__(self, total_steps: int, enabled: bool = True) -> None:
+    def __init__(self, total_steps: int | None, enabled: bool = True) -> None:
         self.total_steps = total_steps
         self.live = enabled and progress_enabled()
         self.plain = enabled and not self.live and not is_quiet()
@@ -190,6 +190,12 @@ class TrainDisplay:
             )
             yield self
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's length once known (a --time-budget run plans it after its first steps)."""
+        self.total_steps = total_steps
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, total=total_steps)
+
     def step_done(self, step: int) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step)
@@ -200,7 +206,8 @@ class TrainDisplay:
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=text)
         elif self.plain:
-            info(f"step {record['step']}/{self.total_steps}  {text}")
+            total = "?" if self.total_steps is None else self.total_steps
+            info(f"step {record['step']}/{total}  {text}")
 
     def note(self, message: str) -> None:
         """An event line (evaluation, checkpoint), printed above the bar on a TTY."""

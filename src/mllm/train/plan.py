@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from mllm.config import ModelConfig, TrainConfig
-from mllm.console import warn
+from mllm.console import info, warn
 from mllm.data.datadir import tokenizer_path
 from mllm.data.meta import DataMeta, check_bins, load_data_meta
 from mllm.distributed import DistributedInfo, on_rank0
 from mllm.errors import MllmError, UsageError
 from mllm.train import checkpoint as ckpt
+from mllm.train.budget import UNPLANNED, TimePlan
 from mllm.train.resume import (
     check_same_data,
     check_same_model,
@@ -40,7 +41,13 @@ class RunPlan:
     state: ckpt.RunState | None  # the checkpoint's, on --resume
     tokenizer_matches: bool | None  # DATA_DIR/tokenizer.json packed the bins (None: absent)
     tokens_per_step: int
-    total_steps: int
+    total_steps: int  # with --time-budget before its plan: the cap, or budget.UNPLANNED
+    time_plan: TimePlan | None  # the saved plan of a --time-budget run being resumed
+
+    @property
+    def needs_time_plan(self) -> bool:
+        """A --time-budget run that has not yet decided its length (train/budget.py)."""
+        return self.config.time_budget is not None and self.time_plan is None
 
 
 def decide_run(config: TrainConfig, dist_info: DistributedInfo) -> RunPlan:
@@ -75,14 +82,20 @@ def decide_run(config: TrainConfig, dist_info: DistributedInfo) -> RunPlan:
 
     tokens_per_step = config.batch_size * dist_info.world_size * config.grad_accum
     tokens_per_step *= model_config.context
-    total_steps = total_steps_for(config, tokens_per_step)
+    time_plan = state.time_plan if state is not None else None
+    total_steps = total_steps_for(config, tokens_per_step, time_plan)
+    if time_plan is not None and dist_info.is_main:
+        info(
+            f"--time-budget: continuing the run's plan of {time_plan.total_steps:,} steps "
+            f"(made at step {time_plan.planned_at_step:,} for {time_plan.budget:g} s)"
+        )
     if config.warmup_steps > total_steps and dist_info.is_main:  # warmup reaches lr at its end
         warn(
             f"--warmup-steps {config.warmup_steps} is more than the {total_steps} steps of the "
             "run: the learning rate never reaches --lr (lower --warmup-steps)"
         )
     return RunPlan(
-        config, meta, resume_from, state, tokenizer_matches, tokens_per_step, total_steps
+        config, meta, resume_from, state, tokenizer_matches, tokens_per_step, total_steps, time_plan
     )
 
 
@@ -111,13 +124,20 @@ def check_context_fits(data_dir: Path, meta: DataMeta, split: str, context: int)
         )
 
 
-def total_steps_for(config: TrainConfig, tokens_per_step: int) -> int:
-    """--max-steps, or --max-tokens rounded up to whole steps, or the default."""
+def total_steps_for(
+    config: TrainConfig, tokens_per_step: int, time_plan: TimePlan | None = None
+) -> int:
+    """--max-steps, or --max-tokens rounded up to whole steps, or the default; with
+    --time-budget, its plan (once made; until then UNPLANNED) capped by either of the two."""
+    cap = None
     if config.max_steps is not None:
-        return config.max_steps
-    if config.max_tokens is not None:
-        return -(-config.max_tokens // tokens_per_step)
-    return DEFAULT_MAX_STEPS
+        cap = config.max_steps
+    elif config.max_tokens is not None:
+        cap = -(-config.max_tokens // tokens_per_step)
+    if config.time_budget is not None:
+        planned = time_plan.total_steps if time_plan is not None else UNPLANNED
+        return planned if cap is None else min(planned, cap)
+    return DEFAULT_MAX_STEPS if cap is None else cap
 
 
 def load_resume_file(load: Callable[[], T]) -> T:

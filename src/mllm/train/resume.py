@@ -178,6 +178,12 @@ def merge_resume_config(given: TrainConfig, saved: TrainConfig) -> TrainConfig:
     if "max_steps" in explicit or "max_tokens" in explicit:
         merged["max_steps"] = explicit.get("max_steps")
         merged["max_tokens"] = explicit.get("max_tokens")
+    if explicit.get("optimizer", saved.optimizer) != saved.optimizer:
+        raise UsageError(
+            f"--optimizer {explicit['optimizer']}: the run was trained with --optimizer "
+            f"{saved.optimizer} and its checkpoint holds that optimizer's state; resume without "
+            "--optimizer, or start a new --run-dir"
+        )
     merged["run_dir"] = str(given.run_dir)
     merged["resume"] = True
     merged["resume_from"] = given.resume_from

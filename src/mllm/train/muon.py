@@ -1,0 +1,114 @@
+"""Muon for the hidden matrices, with fused matrices orthogonalised as their separate parts.
+
+Muon (Keller Jordan, 2024) replaces each matrix's momentum by its nearest semi-orthogonal matrix
+(a Newton-Schulz iteration in bf16), so every direction of the update moves at the same rate.
+Its update rule here is torch.optim.Muon's (same coefficients, Nesterov momentum as a lerp,
+decoupled weight decay, the "original" sqrt(max(1, rows / cols)) learning-rate scale), and
+tests check the two agree on a plain matrix. It is its own class because torch's orthogonalises
+a parameter as one matrix: the model fuses Q, K, V into one (3·d, d) weight and gate, up into one
+(2·h, d) weight, and orthogonalising the stack would couple parts that are separate linear maps.
+Here a parameter of `parts` parts is split along its rows and each part is orthogonalised and
+scaled by its own shape. Parts of the same shape (every layer's Q, K, V, ...) go through the
+iteration together as one batched matmul, a few large kernels instead of many small ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jordan's)
+NS_STEPS = 5
+EPS = 1e-7
+
+
+def orthogonalise(updates: Tensor) -> Tensor:
+    """Approximately U·Vᵀ of each matrix of a (N, rows, cols) stack, by the quintic
+    Newton-Schulz iteration in bf16 (singular values land in about [0.7, 1.2], which trains as
+    well as the exact U·Vᵀ)."""
+    a, b, c = NS_COEFFICIENTS
+    x = updates.bfloat16()
+    tall = x.size(1) > x.size(2)
+    if tall:
+        x = x.transpose(1, 2)
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=EPS)  # spectral norm at most 1
+    for _ in range(NS_STEPS):
+        gram = x @ x.transpose(1, 2)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G²
+        x = torch.baddbmm(x, poly, x, beta=a)  # a·X + poly·X
+    return x.transpose(1, 2) if tall else x
+
+
+def shape_scale(rows: int, cols: int) -> float:
+    """torch.optim.Muon's "original" learning-rate scale: taller matrices take larger steps, so
+    the update's RMS is about the same whatever the shape."""
+    return math.sqrt(max(1.0, rows / cols))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon over 2-D parameters. A group's `parts` (default 1) says into how many equal row
+    blocks each of its parameters splits before orthogonalising."""
+
+    def __init__(
+        self,
+        params: list[dict],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        weight_decay: float = 0.0,
+        nesterov: bool = True,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "parts": 1,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2 or p.size(0) % group["parts"]:
+                    raise ValueError(
+                        f"Muon takes 2-D parameters whose rows split into {group['parts']} "
+                        f"parts, not shape {tuple(p.shape)}"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter with a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # (rows, cols) of a part -> the parts of that shape, each (param, group, row slice).
+        by_shape: dict[tuple[int, int], list[tuple[Tensor, dict, slice, Tensor]]] = defaultdict(
+            list
+        )
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                rows = p.size(0) // group["parts"]
+                for index in range(group["parts"]):
+                    part = slice(index * rows, (index + 1) * rows)
+                    by_shape[(rows, p.size(1))].append((p, group, part, update[part]))
+        for (rows, cols), parts in by_shape.items():
+            ortho = orthogonalise(torch.stack([update for *_, update in parts]))
+            scale = shape_scale(rows, cols)
+            decayed: set[int] = set()
+            for (p, group, part, _), o in zip(parts, ortho, strict=True):
+                if id(p) not in decayed and group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, once per tensor
+                decayed.add(id(p))
+                p[part].add_(o.to(p.dtype), alpha=-group["lr"] * scale)
+        return loss
