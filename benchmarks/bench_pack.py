@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -38,29 +37,10 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import BENCH_MODEL, cpu_name
+from benchlib import BENCH_MODEL, cpu_name, paragraphs
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = [REPO.parent / "shared" / "data", REPO.parent / "shared" / "data-extra"]
-SEPARATORS = re.compile(r"\n|\x00|<\|endoftext\|>")
 CHUNK_LINES = 10_000
-
-
-def paragraphs() -> list[str]:
-    """Every paragraph of the shared English text, one line each (see the module docstring)."""
-    found: list[str] = []
-    for folder in SHARED:
-        for path in sorted(folder.rglob("*")):
-            if path.suffix not in (".txt", ".raw") or not path.is_file():
-                continue
-            text = path.read_text(encoding="utf-8", errors="replace")
-            for part in SEPARATORS.split(text.replace("\r\n", "\n")):
-                paragraph = " ".join(part.split())
-                if len(paragraph) >= 20:
-                    found.append(paragraph)
-    if not found:
-        sys.exit(f"no text found under {SHARED}")
-    return found
 
 
 def build_corpus(path: Path, target_bytes: int) -> int:

@@ -1,6 +1,9 @@
 """Training speed of `mllm train` on the bench config, beside a plain baseline, in one run.
 
 What it measures and why, and the figures: docs/training-speed.md. Prints one JSON line.
+mllm's step runs with --optimizer adamw, the update the baseline does, so the two compare the
+step's machinery; what Muon (the default optimizer) adds per step is in bench_learn.py's
+seconds_per_step figures.
 Run: python benchmarks/bench_train.py [--steps 20] [--paired-steps 8]
 """
 
@@ -207,7 +210,7 @@ def make_mllm_step(
     model_config: ModelConfig, device: torch.device, dtype: torch.dtype
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """The step `mllm train` runs, built by its own functions with its default config."""
-    config = TrainConfig(model=model_config, batch_size=BENCH_BATCH_SIZE)
+    config = TrainConfig(model=model_config, batch_size=BENCH_BATCH_SIZE, optimizer="adamw")
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
     module = prepare_model(model, config, device, DistributedInfo())
@@ -394,7 +397,7 @@ def measure_parts(
 ) -> dict[str, float]:
     """Median milliseconds of each part of mllm train's step, timed one part at a time, and of
     one step by kind of kernel."""
-    config = TrainConfig(model=model_config, batch_size=BENCH_BATCH_SIZE)
+    config = TrainConfig(model=model_config, batch_size=BENCH_BATCH_SIZE, optimizer="adamw")
     model = GPT(model_config).to(device)
     optimizer = build_optimizer(model, config, device)
     module = prepare_model(model, config, device, DistributedInfo())
@@ -494,7 +497,7 @@ def profile_step(
 
 def active_changes(device: torch.device, dtype: torch.dtype, model_config: ModelConfig) -> list:
     """What makes mllm train's step fast, read from the objects it builds (not a fixed list)."""
-    config = TrainConfig(model=model_config)
+    config = TrainConfig(model=model_config, optimizer="adamw")
     model = GPT(model_config)
     optimizer = build_optimizer(model, config, device)
     changes = []

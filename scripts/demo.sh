@@ -31,7 +31,7 @@ HEADS=${DEMO_HEADS:-4}
 BATCH=${DEMO_BATCH:-8}                 # sequences per step
 STEPS=${DEMO_STEPS:-2500}
 LR=${DEMO_LR:-3e-3}
-TRAIN_SECONDS=${DEMO_TRAIN_SECONDS:-420}  # time budget: training stops there, keeping its work
+TRAIN_SECONDS=${DEMO_TRAIN_SECONDS:-420}  # mllm train --time-budget: the steps that fit, at most STEPS
 COMPILE=${DEMO_COMPILE:-1}             # torch.compile: ~20% more tokens/s after ~15 s compiling
 NEW_TOKENS=${DEMO_NEW_TOKENS:-120}     # tokens per generated sample
 SAMPLES=${DEMO_SAMPLES:-3}
@@ -110,30 +110,25 @@ mllm pack --data-dir "$DATA_DIR" --val-fraction 0.02
 stage_done
 
 # --- training ------------------------------------------------------------------------------
-stage "mllm train  (-> $RUN_DIR; at most $TRAIN_SECONDS s)"
+stage "mllm train  (-> $RUN_DIR; at most $STEPS steps and $TRAIN_SECONDS s)"
 rm -rf "$RUN_DIR"  # the demo's own run: a re-run starts afresh
 compile_flag=--no-compile
 [[ "$COMPILE" == 1 ]] && compile_flag=--compile
-train=("$PY" -m mllm train --data-dir "$DATA_DIR" --run-dir "$RUN_DIR"
-    --context "$CONTEXT" --d-model "$D_MODEL" --layers "$LAYERS" --heads "$HEADS"
-    --batch-size "$BATCH" --max-steps "$STEPS" --lr "$LR" --min-lr "$(awk "BEGIN { print $LR / 10 }")"
-    --warmup-steps "$(( STEPS / 20 > 0 ? STEPS / 20 : 1 ))"
-    --eval-interval "$STEPS" --ckpt-interval "$STEPS" --log-interval "$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))"
-    "$compile_flag")
-# On a slow or busy machine the time budget stops training early: SIGINT makes `mllm train` save
-# a checkpoint after the current step and exit, and eval/generate then use that checkpoint (the
-# only evaluation is at the last step, so there is no "best" one to prefer over it).
-status=0
-if command -v timeout >/dev/null; then
-    timeout --signal=INT "$TRAIN_SECONDS" "${train[@]}" || status=$?
-else
-    "${train[@]}" || status=$?
-fi
-if [[ $status -eq 124 ]]; then
-    say "    training stopped at the demo's time budget ($TRAIN_SECONDS s) with its last step saved;"
-    say "    this machine is slower or busier than the demo assumes, so expect rougher text"
-elif [[ $status -ne 0 ]]; then
-    exit "$status"
+# --time-budget: the run times its first steps, then plans how many fit in the budget (start-up,
+# compilation and the final evaluation and checkpoint included), capped by --max-steps; its
+# learning rate then decays to --min-lr exactly at its last step, on a slow machine too.
+mllm train --data-dir "$DATA_DIR" --run-dir "$RUN_DIR" \
+    --context "$CONTEXT" --d-model "$D_MODEL" --layers "$LAYERS" --heads "$HEADS" \
+    --batch-size "$BATCH" --max-steps "$STEPS" --time-budget "$TRAIN_SECONDS" \
+    --lr "$LR" --min-lr "$(awk "BEGIN { print $LR / 10 }")" \
+    --warmup-steps "$(( STEPS / 20 > 0 ? STEPS / 20 : 1 ))" \
+    --eval-interval "$STEPS" --ckpt-interval "$STEPS" --log-interval "$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))" \
+    "$compile_flag"
+last=$(ls "$RUN_DIR/checkpoints" | grep '^step_' | tail -n 1)
+trained=$((10#${last#step_}))
+if (( trained < STEPS )); then
+    say "    the $TRAIN_SECONDS s time budget fitted $trained of the $STEPS steps (this machine is"
+    say "    slower or busier than the demo assumes, so expect rougher text)"
 fi
 stage_done
 

@@ -145,3 +145,22 @@ def test_every_schedule_ends_at_min_lr_and_stays_in_range(
     assert all(0.0 < f <= 1.0 + 1e-12 for f in factors)
     if total > warmup:
         assert factors[-1] == pytest.approx(0.1)
+
+
+def test_the_combined_optimizer_works_with_the_gradient_scaler() -> None:
+    """fp16 training unscales and steps through GradScaler, which sees one optimizer."""
+    config = parse_config(TrainConfig, [])
+    model = GPT(TINY)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, TINY.vocab_size, (2, TINY.context))
+    scaler.scale(model.loss(idx, idx)).backward()
+    scaler.unscale_(optimizer)
+    assert all(  # unscaled in place: the gradients are the loss's own again
+        p.grad.abs().max() < 100 for p in model.parameters() if p.grad is not None
+    )
+    scaler.step(optimizer)
+    scaler.update()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "blocks.0.attn.qkv.weight" in moved and "token_embedding.weight" in moved

@@ -224,7 +224,7 @@ class TrainConfig(CommandConfig):
     decay_fraction: float = Field(
         0.3, gt=0, le=1, description="Fraction of the run the wsd schedule spends decaying."
     )
-    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2.")

@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mllm.config import TrainConfig
 
-COLD_STEPS = 3  # steps left out of the timing: compilation, allocator and cache warm-up
+COLD_STEPS = 5  # steps left out of the timing: compilation, allocator and cache warm-up
 MIN_TIMED_STEPS = 5
-ENOUGH_TIMED_STEPS = 30
-ENOUGH_TIMED_FRACTION = 0.03  # ... or this fraction of the budget timed, whichever comes first
+ENOUGH_TIMED_STEPS = 20
+ENOUGH_TIMED_FRACTION = 0.08  # ... or this fraction of the budget timed, whichever comes first
 EXIT_SECONDS = 2.0  # after the last checkpoint: the loss plot, trackers, interpreter exit
 EXIT_FRACTION = 0.01  # plus this fraction of the budget, for the estimate's noise
 UNPLANNED = 10**12  # the run's length before the plan (no boundary is "the last step")
