@@ -72,10 +72,9 @@ class TimePlan(BaseModel):
 class StepTimer:
     """Times the steps of the run's first process until there is enough to plan on."""
 
-    def __init__(self, config: TrainConfig, budget: float, first_step: int) -> None:
+    def __init__(self, config: TrainConfig, budget: float) -> None:
         self.config = config
-        self.budget = budget
-        self.first_step = first_step
+        self.budget = budget  # what is left of --time-budget to this process
         self.step_ends: list[float] = []  # clock after each step of this process
 
     def step_done(self) -> None:

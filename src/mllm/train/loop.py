@@ -197,10 +197,10 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
     )
     if plan.state is not None and plan.resume_from is not None:
         restore_checkpoint(run, plan.resume_from, plan.state)
-    if plan.needs_time_plan:
-        run.step_timer = budget.StepTimer(config, plan_budget(run), run.step)
     elif dist_info.enabled:
         torch.manual_seed(config.seed + dist_info.rank)  # weights are equal; dropout masks differ
+    if plan.needs_time_plan:
+        run.step_timer = budget.StepTimer(config, plan_budget(run))
 
     if dist_info.is_main:
         if plan.resume_from is not None:
