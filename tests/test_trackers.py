@@ -8,6 +8,7 @@ import importlib.util
 import json
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,10 +144,26 @@ def wandb_records(path: Path) -> Iterator[Any]:
 
 
 def wandb_offline_run(run_dir: Path, index: int = -1) -> dict[str, Any]:
-    """One offline run under RUN_DIR/wandb (in start order): its id, config and history rows."""
+    """One offline run under RUN_DIR/wandb (in start order): its id, config and history rows.
+
+    wandb's service process may still be writing the file when the run has returned (seen: a
+    half-written record, a file without its run record yet), so this waits, up to 30 s, until
+    the file parses and holds its exit record."""
     (wandb_file,) = sorted((run_dir / "wandb").glob("offline-run-*"))[index].glob("*.wandb")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            records = list(wandb_records(wandb_file))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                break
+        except Exception:  # a record cut short by the writer: read it again
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     run: dict[str, Any] = {"history": {}}
-    for record in wandb_records(wandb_file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run["id"] = record.run.run_id
