@@ -20,7 +20,7 @@ The arms (the flags each adds to the common ones):
 
 torch.compile's cache is warmed once before the arms (a 2-step run of the same shape in a
 cache folder of the bench's own), so every arm starts from the same warm cache, as a user's
-second run does: left cold, the first arm would pay a compilation (about 65 s on a 2-core Zen 4)
+second run does: left cold, the first arm would pay a compilation (about 65 s on this 2-core Xeon)
 that the later ones skip. Each arm's command still compiles (from that cache) inside its budget.
 
     python benchmarks/bench_learn.py [--budget 300] [--ablations] [--arms baseline,defaults]
