@@ -320,3 +320,11 @@ def test_serve_engine_decodes_a_batch_on_the_gpu(tmp_path: Path, exact_fp32: Non
             if dtype == torch.float32:
                 assert text == reference_greedy(model, tokenizer, prompt, 10)
         assert engine.stats.rows_decoded > engine.stats.steps  # rows really shared steps
+
+
+def test_fsdp_shards_a_step_on_the_gpu(tmp_path: Path) -> None:
+    """--fsdp's sharding (NCCL, one rank): the sharded step, gathered weights and optimizer
+    state equal the unsharded ones (test_fsdp runs the same on gloo, and two ranks)."""
+    from test_fsdp import check_sharded_step
+
+    check_sharded_step(torch.device("cuda"), tmp_path / "rendezvous")

@@ -257,6 +257,17 @@ class TrainConfig(CommandConfig):
     compile: bool = Field(
         True, description="torch.compile the model and its loss (the first steps take longer)."
     )
+    fsdp: bool = Field(
+        False,
+        description="Under torchrun: shard the weights, gradients and optimizer state over the "
+        "processes (FSDP2) instead of replicating them (DDP); for a model whose training state "
+        "does not fit one device. Trains with AdamW (Muon needs each matrix whole).",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Keep only each block's input for the backward pass and recompute the rest: "
+        "a step's activations take a fraction of the memory, for about a third more compute.",
+    )
     tracker: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list,
         description="Also log metrics and the config to this experiment tracker: tensorboard "

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mllm.config import ModelConfig
 from mllm.losses import linear_cross_entropy, rows_per_chunk
@@ -242,6 +243,8 @@ class GPT(nn.Module):
         self.position_embedding = nn.Embedding(config.context, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.ln_final = nn.LayerNorm(config.d_model)
+        # Training's --activation-checkpointing (not part of the network: the maths is the same)
+        self.checkpoint_activations = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -307,7 +310,11 @@ class GPT(nn.Module):
         x = self.token_embedding(idx) + self.position_embedding(positions)
         x = dropout_if_training(x, self.config.dropout, self.training)
         span = None if cache is None else CacheSpan(start_pos, length, idx.device)
+        recompute = self.checkpoint_activations and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
+            if recompute:  # keep the block's input only; its backward recomputes the rest
+                x = checkpoint(block, x, None, None, linear, use_reentrant=False)
+                continue
             layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
             x = block(x, span, layer_cache, linear)
         return self.ln_final(x)

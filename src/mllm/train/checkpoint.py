@@ -50,6 +50,7 @@ from mllm.fileio import (
 )
 from mllm.model import GPT
 from mllm.train.budget import TimePlan
+from mllm.train.sharding import full_weights
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "config.json"
@@ -306,14 +307,15 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 
 def write_checkpoint(
     run_dir: str | Path,
-    model: GPT,
+    model: GPT | dict[str, torch.Tensor],
     state: RunState,
     trainer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoints/step_N atomically (temporary folder, fsync, rename) and return it.
 
     `model` must be the unwrapped module (not DDP / torch.compile wrappers), so weight names carry
-    no `module.` or `_orig_mod.` prefixes.
+    no `module.` or `_orig_mod.` prefixes; or its whole weights already on the CPU (a sharded
+    model's, which every rank gathers with `sharding.full_weights` before rank 0 writes).
     """
     parent = ensure_writable_dir(checkpoints_dir(run_dir))
     final = parent / checkpoint_name(state.step)
@@ -321,7 +323,7 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        weights = full_weights(model) if isinstance(model, torch.nn.Module) else model
         save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
@@ -467,7 +469,8 @@ def write_run_files(config: TrainConfig, tokenizer_matches: bool | None) -> None
 
 
 def trainer_state(
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rng: list[dict[str, Any]]
+    optimizer: dict[str, Any], scaler: torch.amp.GradScaler, rng: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """trainer.pt's payload: what only a resume needs (rng: every rank's RNG states)."""
-    return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+    """trainer.pt's payload: what only a resume needs (optimizer: its whole state dict, gathered
+    when sharded; rng: every rank's RNG states)."""
+    return {"optimizer": optimizer, "scaler": scaler.state_dict(), "rng": rng}

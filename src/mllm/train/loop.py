@@ -45,7 +45,7 @@ from mllm.distributed import (
 from mllm.errors import MllmError
 from mllm.model import GPT
 from mllm.scoring import sum_nll
-from mllm.train import budget
+from mllm.train import budget, sharding
 from mllm.train import checkpoint as ckpt
 from mllm.train.flops import device_name, peak_flops
 from mllm.train.metrics import MetricsLog, TrainDisplay, plot_losses
@@ -170,15 +170,19 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
     if plan.resume_from is not None:
         load_resume_file(lambda: ckpt.load_weights(plan.resume_from, model))
     model.to(device)
-    optimizer = build_optimizer(model, config, device)
+    module = prepare_model(model, config, device, dist_info)  # --fsdp: shards `model` in place
+    optimizer = build_optimizer(model, config, device)  # after sharding: over the shards
     global_batch_rows = config.batch_size * dist_info.world_size  # one micro-step, all ranks
+    eval_starts = fixed_eval_starts(val_windows, config.eval_batches * global_batch_rows)
+    if sharding.is_sharded(model):  # every rank runs as many forwards (each one gathers weights)
+        eval_starts = eval_starts[: len(eval_starts) - len(eval_starts) % dist_info.world_size]
     run = Run(
         plan=plan,
         device=device,
         dtype=dtype,
         dist=dist_info,
         model=model,
-        module=prepare_model(model, config, device, dist_info),
+        module=module,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         stream=WindowStream(
@@ -186,7 +190,7 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
         ),
         train_windows=train_windows,
         val_windows=val_windows,
-        eval_starts=fixed_eval_starts(val_windows, config.eval_batches * global_batch_rows),
+        eval_starts=eval_starts,
         metrics=MetricsLog(config.run_dir / ckpt.METRICS, enabled=dist_info.is_main),
         display=TrainDisplay(
             None if plan.needs_time_plan else plan.total_steps, enabled=dist_info.is_main
@@ -226,6 +230,8 @@ def restore_checkpoint(run: Run, checkpoint: Path, state: ckpt.RunState) -> None
     when `checkpoint` was saved (the weights are already loaded)."""
     trainer = load_resume_file(lambda: ckpt.read_trainer_state(checkpoint))
     load_optimizer_state(run.optimizer, trainer["optimizer"], run.config)
+    if sharding.is_sharded(run.model):
+        sharding.shard_optimizer_state(run.optimizer)
     if run.scaler.is_enabled() and trainer.get("scaler"):
         run.scaler.load_state_dict(trainer["scaler"])
     run.stream.load_state_dict(state.data_position)
@@ -257,6 +263,8 @@ def describe_run(run: Run) -> None:
         f"layers, {cfg.heads} heads, context {cfg.context}, vocab {cfg.vocab_size})"
     )
     processes = f", {run.dist.world_size} processes" if run.dist.enabled else ""
+    if sharding.is_sharded(run.model):
+        processes += " (FSDP: weights, gradients and optimizer state sharded)"
     compiled = ", compiled" if run.config.compile else ""
     length = (
         f"for {run.config.time_budget:g} s (steps planned once the first are timed)"
@@ -355,6 +363,7 @@ def make_time_plan(run: Run) -> None:
     record it in metrics.jsonl; the next checkpoint's state.json holds it too."""
     assert run.step_timer is not None
     timer = run.step_timer
+    eval_seconds = estimate_eval_seconds(run)  # every rank: under FSDP a forward is collective
 
     def decide() -> budget.TimePlan:
         cap = None if run.total_steps == budget.UNPLANNED else run.total_steps
@@ -363,7 +372,7 @@ def make_time_plan(run: Run) -> None:
             run.step,
             budget.process_elapsed(),
             timer.seconds_per_step(),
-            estimate_eval_seconds(run),
+            eval_seconds,
             estimate_checkpoint_seconds(run),
             cap,
         )
@@ -463,9 +472,15 @@ def validate(run: Run) -> float:
 def save_checkpoint(run: Run, val_loss: float | None, new_best: bool) -> None:
     """checkpoints/step_N (atomic), best.json when it is the best so far, then retention.
 
-    Every rank calls this (their RNG states are gathered); rank 0 writes.
+    Every rank calls this (their RNG states are gathered, and under FSDP the weights and
+    optimizer state); rank 0 writes.
     """
     rng_states = gather_objects(capture_rng_state(run.device), run.dist)
+    sharded = sharding.is_sharded(run.model)
+    weights = sharding.full_weights(run.model) if sharded else run.model
+    optimizer_state = (
+        sharding.full_optimizer_state(run.optimizer) if sharded else run.optimizer.state_dict()
+    )
     if not run.dist.is_main:
         return
     state = ckpt.RunState(
@@ -482,8 +497,8 @@ def save_checkpoint(run: Run, val_loss: float | None, new_best: bool) -> None:
         data=ckpt.DataIdentity.of(run.plan.meta),
         time_plan=run.time_plan,
     )
-    trainer_state = ckpt.trainer_state(run.optimizer, run.scaler, rng_states)
-    path = ckpt.write_checkpoint(run.run_dir, run.model, state, trainer_state)
+    trainer_state = ckpt.trainer_state(optimizer_state, run.scaler, rng_states)
+    path = ckpt.write_checkpoint(run.run_dir, weights, state, trainer_state)
     if new_best and val_loss is not None:
         ckpt.mark_best(run.run_dir, path, val_loss)
     ckpt.prune_checkpoints(run.run_dir, run.config.keep_last)

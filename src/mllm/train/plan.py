@@ -53,6 +53,7 @@ class RunPlan:
 def decide_run(config: TrainConfig, dist_info: DistributedInfo) -> RunPlan:
     """Resolve the config (a resume takes the run's saved one, with the options given now on top)
     and refuse anything that does not fit together, before any work starts."""
+    given = config.model_fields_set  # what was given explicitly (flags or --config file)
     resume = config.resume or config.resume_from is not None
     resume_from = on_rank0(
         lambda: checkpoint_to_resume(config.run_dir, resume, config.resume_from), dist_info
@@ -62,6 +63,8 @@ def decide_run(config: TrainConfig, dist_info: DistributedInfo) -> RunPlan:
         state = load_resume_file(lambda: ckpt.read_state(resume_from))
     if state is not None:
         config = merge_resume_config(config, state.train_config)
+
+    config = resolve_fsdp(config, given, state, dist_info)
 
     meta = load_data_meta(config.data_dir)
     check_bins(config.data_dir, meta)
@@ -97,6 +100,39 @@ def decide_run(config: TrainConfig, dist_info: DistributedInfo) -> RunPlan:
     return RunPlan(
         config, meta, resume_from, state, tokenizer_matches, tokens_per_step, total_steps, time_plan
     )
+
+
+def resolve_fsdp(
+    config: TrainConfig,
+    given: set[str],
+    state: ckpt.RunState | None,
+    dist_info: DistributedInfo,
+) -> TrainConfig:
+    """--fsdp trains with AdamW: Muon orthogonalises each matrix whole, which FSDP holds in
+    slices. A new run given --optimizer muon --fsdp is refused; one given --fsdp alone takes AdamW
+    (with a warning). A Muon run resumed with --fsdp on several processes is refused. On one
+    process --fsdp has nothing to shard and the run trains unsharded, so a plain `--resume` of an
+    FSDP run without torchrun just works."""
+    if not config.fsdp:
+        return config
+    sharded = dist_info.enabled
+    if state is None and config.optimizer == "muon":
+        if "optimizer" in given:
+            raise UsageError(
+                "--optimizer muon --fsdp: Muon needs each weight matrix whole, and FSDP shards "
+                "them: use --optimizer adamw with --fsdp, or Muon without --fsdp (DDP)"
+            )
+        if dist_info.is_main:
+            warn("--fsdp: training with --optimizer adamw (Muon needs each matrix whole)")
+        config = config.model_copy(update={"optimizer": "adamw"})
+    elif sharded and config.optimizer == "muon":
+        raise UsageError(
+            "--fsdp: this run trains with Muon, which needs each weight matrix whole and cannot "
+            "be sharded: resume it without --fsdp (DDP), or start a new --run-dir"
+        )
+    if not sharded and dist_info.is_main:
+        info("--fsdp: one process, nothing to shard: training unsharded")
+    return config
 
 
 def resolve_model_config(model: ModelConfig, meta: DataMeta) -> ModelConfig:

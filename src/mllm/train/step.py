@@ -19,6 +19,7 @@ from mllm.device import autocast
 from mllm.distributed import DistributedInfo
 from mllm.model import GPT
 from mllm.train.cpu_memory import retain_freed_memory
+from mllm.train.sharding import full_tensor, is_sharded, shard_model
 
 
 class TrainingLoss(nn.Module):
@@ -37,9 +38,14 @@ def prepare_model(
     model: GPT, config: TrainConfig, device: torch.device, dist_info: DistributedInfo
 ) -> nn.Module:
     """The module `train_step` calls: the training loss, compiled when asked, then wrapped in
-    DDP when distributed. It shares its parameters with `model`."""
+    DDP when distributed; with --fsdp under torchrun, `model` is sharded in place instead
+    (train/sharding.py: build the optimizer after this). It shares its parameters with `model`."""
     if device.type == "cpu":
         retain_freed_memory()  # reuse freed activations: no page faults per step (cpu_memory.py)
+    model.checkpoint_activations = config.activation_checkpointing
+    if config.fsdp and dist_info.enabled:
+        shard_model(model, device, dist_info.world_size, compile_blocks=config.compile)
+        return TrainingLoss(model)
     module: nn.Module = TrainingLoss(model)
     if config.compile:
         module = torch.compile(module)
@@ -72,6 +78,7 @@ def train_step(
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    grad_norm = full_tensor(grad_norm)  # sharded gradients: the norm over every rank's shards
     scaler.step(optimizer)  # skips the update when fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -79,10 +86,14 @@ def train_step(
 
 
 def gradient_sync(module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """DDP's no_sync() for the micro-batches whose gradients are only accumulated."""
-    if enabled or not isinstance(module, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return module.no_sync()
+    """DDP's no_sync() for the micro-batches whose gradients are only accumulated; FSDP's
+    equivalent switch (its gradients are reduce-scattered on the last micro-batch only)."""
+    if isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else module.no_sync()
+    sharded = getattr(module, "model", None)
+    if is_sharded(sharded):
+        sharded.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
 
 
 def to_device(

@@ -1,0 +1,93 @@
+"""--fsdp: parameters, gradients and optimizer state sharded over the ranks with FSDP2 (torch's
+`fully_shard`), so a model whose training state does not fit one device trains on several.
+
+Each block is one FSDP unit (its weights are gathered just before its forward and backward, and
+freed after), the GPT itself the root unit (embeddings = tied head, final LayerNorm). Gradients
+are reduce-scattered and averaged, as DDP all-reduces and averages them, so an FSDP run logs the
+losses of a DDP or one-process run of the same global batch.
+
+What a checkpoint holds does not depend on sharding: `full_weights` and `full_optimizer_state`
+gather the whole tensors (collectives: every rank calls them, in the same order), so
+model.safetensors and trainer.pt are what a one-process run writes, and eval / generate / serve
+/ a resume on any number of processes read them as they are. `shard_optimizer_state` is the way
+back: a full optimizer state loaded into a sharded run keeps this rank's slice of each tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mllm.model import GPT
+
+# GPT's methods that run the network besides forward(): the training loss, validation's
+# per-token NLL. FSDP gathers the root's weights around each, as it does around forward().
+FORWARD_METHODS = ("loss", "token_nll")
+
+
+def shard_model(model: GPT, device: torch.device, world_size: int, compile_blocks: bool) -> None:
+    """Shard `model` in place over the `world_size` ranks of the process group: each block, then
+    the root. Call it before building the optimizer: its parameters become sharded DTensors.
+
+    With `compile_blocks`, each block is compiled before it is sharded (as torchtitan does):
+    FSDP's gathers sit between the compiled blocks, not inside one graph."""
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in model.blocks:
+        if compile_blocks:
+            block.compile()
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for method in FORWARD_METHODS:
+        register_fsdp_forward_method(model, method)
+
+
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    """Whether `model` was sharded by `shard_model`."""
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective), or the tensor itself when not sharded."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's state dict as whole tensors on the CPU, the names of the unwrapped model (what
+    model.safetensors holds). Sharded: every rank must call it."""
+    return {
+        name: full_tensor(tensor.detach()).contiguous().cpu()
+        for name, tensor in model.state_dict().items()
+    }
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() with each sharded tensor gathered whole: the state dict of an
+    unsharded run. Every rank must call it (state_dict orders the state alike on every rank)."""
+    saved = optimizer.state_dict()
+    saved["state"] = {
+        index: {key: full_tensor(value) for key, value in state.items()}
+        for index, state in saved["state"].items()
+    }
+    return saved
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a full state dict: each tensor of a sharded parameter's state (AdamW's
+    moments) becomes this rank's shard of it, laid out as the parameter is. No communication:
+    every rank holds the whole tensor and keeps its own slice."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not isinstance(param, DTensor):
+                continue
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                whole = isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
+                if whole and value.shape == param.shape:  # not AdamW's step count
+                    state[key] = distribute_tensor(
+                        value.to(param.device), param.device_mesh, param.placements,
+                        src_data_rank=None,
+                    )  # fmt: skip
