@@ -45,7 +45,7 @@ from mllm.distributed import (
 from mllm.errors import MllmError
 from mllm.model import GPT
 from mllm.scoring import sum_nll
-from mllm.train import budget, sharding
+from mllm.train import budget, memory, sharding
 from mllm.train import checkpoint as ckpt
 from mllm.train.flops import device_name, peak_flops
 from mllm.train.metrics import MetricsLog, TrainDisplay, plot_losses
@@ -277,6 +277,13 @@ def describe_run(run: Run) -> None:
     )
     if run.plan.resume_from is not None:
         info(f"resuming from {run.plan.resume_from} (step {run.step:,})")
+    need = memory.estimate_step_memory(run.model, run.config, run.dtype, run.dist.world_size)
+    free = memory.free_memory(run.device)
+    available = f"; {free / memory.GB:.1f} GB free on {run.device}" if free is not None else ""
+    info(f"memory per process: {need.describe()}{available}")
+    too_big = memory.too_big_warning(need, free, run.device, run.config, run.dist.world_size)
+    if too_big is not None and run.dist.is_main:
+        warn(too_big)
 
 
 def next_micro_batches(run: Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
