@@ -10,6 +10,13 @@ dtype and threads. Variants alternate within each repeat and medians are reporte
 machines are shared and noisy; the load average at the start says how busy the machine was (at the
 end it counts this benchmark too). The no-cache baseline runs at the first thread count only.
 
+With transformers installed (a dev dependency: `pip install -e '.[dev]'`), a third variant is
+Hugging Face transformers' own `generate` with its KV cache, greedy, on a LlamaForCausalLM of the
+same size (d_model, layers, heads, SwiGLU hidden, vocab, tied head: the same matmuls; RMSNorm
+and rotary positions where mllm has LayerNorm and a position table), the same dtype and threads.
+Its decode rate is timed the same way, from the first new token on (a logits processor records
+when each token's logits are ready). `--no-hf` leaves it out.
+
 Prints one JSON line: machine facts, then one row per (config, dtype, threads).
 """
 
@@ -70,6 +77,45 @@ def median_rate(timings: list[SampleTiming]) -> float:
     return round(statistics.median(t.decode_tokens_per_s for t in timings), 1)
 
 
+def hf_model(config: ModelConfig, dtype: torch.dtype) -> torch.nn.Module | None:
+    """transformers' LlamaForCausalLM with mllm's matmul shapes; None without transformers."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    llama = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model,
+        intermediate_size=config.ffn_hidden, num_hidden_layers=config.layers,
+        num_attention_heads=config.heads, num_key_value_heads=config.heads,
+        max_position_embeddings=config.context, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama).to(dtype).eval()
+
+
+def hf_run(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> SampleTiming:
+    """transformers' `generate` (KV cache, greedy) for exactly `new_tokens` tokens; the decode
+    rate from the first new token's logits to the last's."""
+    ready: list[float] = []
+
+    def note_time(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ready.append(time.perf_counter())
+        return scores
+
+    began = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            logits_processor=[note_time], pad_token_id=0,
+        )  # fmt: skip
+    timing = SampleTiming(prompt_tokens=len(prompt))
+    timing.first_token_s = ready[0] - began
+    timing.new_tokens = len(ready)
+    timing.decode_s = ready[-1] - ready[0]
+    return timing
+
+
 def measure_config(name: str, args: argparse.Namespace) -> list[dict]:
     """Rows for one model size: every dtype x thread count, the variants alternating."""
     config = CONFIGS[name]
@@ -82,17 +128,23 @@ def measure_config(name: str, args: argparse.Namespace) -> list[dict]:
         model.load_state_dict(fp32.state_dict())
         model = prepare_for_decoding(model.to(DTYPES[dtype_name]))
         decoder = Decoder(model)  # one per model, as `mllm generate` keeps one for all samples
+        hf = hf_model(config, DTYPES[dtype_name]) if args.hf else None
         for threads in args.threads:
             variants.append({"dtype": dtype_name, "threads": threads, "model": model,
-                             "decoder": decoder, "cached": [], "no_cache": []})  # fmt: skip
+                             "decoder": decoder, "hf": hf, "cached": [], "no_cache": [],
+                             "hf_runs": []})  # fmt: skip
     del fp32
     for variant in variants:  # warm-up: first-call allocations, kernel selection
         torch.set_num_threads(variant["threads"])
         cached_run(variant["decoder"], prompt, 8)
+        if variant["hf"] is not None:
+            hf_run(variant["hf"], prompt, 8)
     for repeat in range(args.repeats):
         for variant in variants:
             torch.set_num_threads(variant["threads"])
             variant["cached"].append(cached_run(variant["decoder"], prompt, args.new_tokens))
+            if variant["hf"] is not None:
+                variant["hf_runs"].append(hf_run(variant["hf"], prompt, args.new_tokens))
             baseline = variant["dtype"] in args.baseline_dtypes
             baseline = baseline and variant["threads"] == args.threads[0]
             if baseline and repeat < args.baseline_repeats:
@@ -112,6 +164,12 @@ def measure_config(name: str, args: argparse.Namespace) -> list[dict]:
                 1000 * statistics.median(t.first_token_s for t in cached), 1
             ),
         }
+        if variant["hf_runs"]:
+            row["hf_generate_tokens_per_s"] = median_rate(variant["hf_runs"])
+            row["hf_generate_runs"] = [round(t.decode_tokens_per_s, 1) for t in variant["hf_runs"]]
+            row["vs_hf_generate"] = round(
+                row["cached_tokens_per_s"] / row["hf_generate_tokens_per_s"], 2
+            )
         if variant["no_cache"]:
             row["no_cache_tokens_per_s"] = median_rate(variant["no_cache"])
             row["speedup"] = round(row["cached_tokens_per_s"] / row["no_cache_tokens_per_s"], 2)
@@ -139,6 +197,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--baseline-repeats", type=int, default=1, help="no-cache runs per variant (slow)"
+    )
+    parser.add_argument(
+        "--no-hf", dest="hf", action="store_false", help="leave out transformers' generate"
     )
     args = parser.parse_args()
     args.threads = (

@@ -149,7 +149,7 @@ def test_train_prints_the_estimate_and_warns_when_it_does_not_fit(
     monkeypatch.setattr(memory, "free_memory", lambda device: 1_000_000)
     train(config_for(data_dir, tmp_path / "run", max_steps=1, activation_checkpointing=True))
     err = capsys.readouterr().err
-    assert "memory per process: about" in err and "0.0 GB free on cpu" in err
+    assert "memory per process: about" in err and "1 MB free on cpu" in err
     assert "warning" in err.lower() and "--batch-size" in err
 
 

@@ -279,7 +279,7 @@ def describe_run(run: Run) -> None:
         info(f"resuming from {run.plan.resume_from} (step {run.step:,})")
     need = memory.estimate_step_memory(run.model, run.config, run.dtype, run.dist.world_size)
     free = memory.free_memory(run.device)
-    available = f"; {free / memory.GB:.1f} GB free on {run.device}" if free is not None else ""
+    available = f"; {memory.size(free)} free on {run.device}" if free is not None else ""
     info(f"memory per process: {need.describe()}{available}")
     too_big = memory.too_big_warning(need, free, run.device, run.config, run.dist.world_size)
     if too_big is not None and run.dist.is_main:

@@ -58,11 +58,16 @@ class StepMemory:
 
     def describe(self) -> str:
         parts = (
-            f"weights {self.weights / GB:.2f}, gradients {self.gradients / GB:.2f}, optimizer "
-            f"state {self.optimizer / GB:.2f}, activations {self.activations / GB:.2f}, "
-            f"working memory {self.working / GB:.2f}"
+            f"weights {size(self.weights)}, gradients {size(self.gradients)}, optimizer state "
+            f"{size(self.optimizer)}, activations {size(self.activations)}, working memory "
+            f"{size(self.working)}"
         )
-        return f"about {self.total / GB:.2f} GB at a step's peak ({parts})"
+        return f"about {size(self.total)} at a step's peak ({parts})"
+
+
+def size(nbytes: float) -> str:
+    """Bytes for people: 512 MB, 3.2 GB."""
+    return f"{nbytes / GB:.1f} GB" if nbytes >= GB else f"{nbytes / 1e6:.0f} MB"
 
 
 def block_bytes_per_token(config: ModelConfig, half: bool) -> int:
@@ -156,6 +161,6 @@ def too_big_warning(
     if world_size > 1 and not config.fsdp:
         ways.append("--fsdp")
     return (
-        f"the training step needs about {need.total / GB:.1f} GB{processes}, more than the "
-        f"{free / GB:.1f} GB free on {device}: it may run out of memory; use " + ", or ".join(ways)
+        f"the training step needs about {size(need.total)}{processes}, more than the "
+        f"{size(free)} free on {device}: it may run out of memory; use " + ", or ".join(ways)
     )
