@@ -17,17 +17,25 @@ and rotary positions where mllm has LayerNorm and a position table), the same dt
 Its decode rate is timed the same way, from the first new token on (a logits processor records
 when each token's logits are ready). `--no-hf` leaves it out.
 
+`--serve-batch 8` (the default; 0 leaves it out) adds, at the first thread count, the serve
+engine (mllm.serve.engine.Engine, what `mllm serve` decodes with) generating for that many
+prompts at once, against transformers' `generate` on the same batch: generated tokens per second
+over all rows, decode steps only (the engine's own step timer; transformers' from its first new
+token's logits to its last).
+
 Prints one JSON line: machine facts, then one row per (config, dtype, threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -38,6 +46,7 @@ from mllm.device import DTYPE_NAMES, DTYPES, decode_threads, resolve_decode_dtyp
 from mllm.generate import SampleTiming, generate_ids, timed
 from mllm.model import GPT
 from mllm.sampling import SamplingParams, sample_next
+from mllm.serve.engine import Completion, Engine, Event, Failed, Finished
 
 CONFIGS = {
     "bench": BENCH_MODEL,
@@ -93,23 +102,92 @@ def hf_model(config: ModelConfig, dtype: torch.dtype) -> torch.nn.Module | None:
     return LlamaForCausalLM(llama).to(dtype).eval()
 
 
-def hf_run(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> SampleTiming:
-    """transformers' `generate` (KV cache, greedy) for exactly `new_tokens` tokens; the decode
-    rate from the first new token's logits to the last's."""
+def engine_rate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
+    """Generated tokens/s of the serve engine decoding `prompts` together (greedy, no stop)."""
+    done = [threading.Event() for _ in prompts]
+
+    def emit_for(index: int) -> Callable[[Event], None]:
+        def emit(event: Event) -> None:
+            if isinstance(event, Finished | Failed):
+                done[index].set()
+
+        return emit
+
+    before = dataclasses.replace(engine.stats)
+    engine.submit(
+        [Completion(list(p), new_tokens, GREEDY, emit_for(i)) for i, p in enumerate(prompts)]
+    )
+    for event in done:
+        event.wait()
+    rows = engine.stats.rows_decoded - before.rows_decoded
+    return rows / (engine.stats.decode_seconds - before.decode_seconds)
+
+
+def hf_batch_rate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> float:
+    """Generated tokens/s of transformers' `generate` on the same batch (equal-length prompts,
+    greedy), from the first new token's logits to the last's."""
+    timing = hf_run(model, prompts, new_tokens)
+    return len(prompts) * (timing.new_tokens - 1) / timing.decode_s
+
+
+def measure_serve_batch(name: str, args: argparse.Namespace) -> list[dict]:
+    """Rows for the serve engine's batch against transformers' at the same batch."""
+    config = CONFIGS[name]
+    torch.manual_seed(0)
+    prompts = torch.randint(0, config.vocab_size, (args.serve_batch, args.prompt_tokens)).tolist()
+    torch.set_num_threads(args.threads[0])
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        engine = Engine(GPT(config).to(dtype).eval(), [b"x"] * config.vocab_size, None,
+                        args.serve_batch)  # fmt: skip
+        engine.start()
+        hf = hf_model(config, dtype)
+        ours, theirs = [], []
+        try:
+            engine_rate(engine, prompts, 8)  # warm-up
+            hf_batch_rate(hf, prompts, 8)
+            for _ in range(args.repeats):
+                ours.append(engine_rate(engine, prompts, args.new_tokens))
+                theirs.append(hf_batch_rate(hf, prompts, args.new_tokens))
+        finally:
+            engine.stop()
+        row = {
+            "config": name, "dtype": dtype_name, "threads": args.threads[0],
+            "batch": args.serve_batch,
+            "engine_tokens_per_s": round(statistics.median(ours), 1),
+            "engine_runs": [round(r, 1) for r in ours],
+            "hf_generate_tokens_per_s": round(statistics.median(theirs), 1),
+            "hf_generate_runs": [round(r, 1) for r in theirs],
+        }  # fmt: skip
+        row["vs_hf_generate"] = round(
+            row["engine_tokens_per_s"] / row["hf_generate_tokens_per_s"], 2
+        )
+        rows.append(row)
+    return rows
+
+
+def hf_run(
+    model: torch.nn.Module, prompt: list[int] | list[list[int]], new_tokens: int
+) -> SampleTiming:
+    """transformers' `generate` (KV cache, greedy) for exactly `new_tokens` tokens from a prompt
+    (or a batch of equal-length prompts); the decode rate from the first new token's logits to
+    the last's."""
     ready: list[float] = []
 
     def note_time(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         ready.append(time.perf_counter())
         return scores
 
+    ids = torch.tensor(prompt if isinstance(prompt[0], list) else [prompt])
     began = time.perf_counter()
     with torch.inference_mode():
         model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            ids, attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             logits_processor=[note_time], pad_token_id=0,
         )  # fmt: skip
-    timing = SampleTiming(prompt_tokens=len(prompt))
+    timing = SampleTiming(prompt_tokens=ids.shape[1])
     timing.first_token_s = ready[0] - began
     timing.new_tokens = len(ready)
     timing.decode_s = ready[-1] - ready[0]
@@ -201,6 +279,9 @@ def main() -> None:
     parser.add_argument(
         "--no-hf", dest="hf", action="store_false", help="leave out transformers' generate"
     )
+    parser.add_argument(
+        "--serve-batch", type=int, default=8, help="the serve engine's batch (0: leave it out)"
+    )
     args = parser.parse_args()
     args.threads = (
         [decode_threads().count]
@@ -226,6 +307,8 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         rows += measure_config(name, args)
+        if args.serve_batch and args.hf and hf_model(CONFIGS[name], torch.float32) is not None:
+            rows += measure_serve_batch(name, args)
     report["load_average_end"] = load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["rows"] = rows

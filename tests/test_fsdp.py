@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from fixtures import config_for, tiny_flags, train_losses, val_losses, write_data_dir
-from mllm.config import ModelConfig
+from mllm.config import ModelConfig, TrainConfig
 from mllm.errors import UsageError
 from mllm.model import GPT
 from mllm.train import checkpoint as ckpt
@@ -138,3 +138,13 @@ def check_sharded_step(device: torch.device, rendezvous: Path) -> None:
 
 def test_sharded_step_and_gathered_state_equal_the_unsharded(tmp_path: Path) -> None:
     check_sharded_step(torch.device("cpu"), tmp_path / "rendezvous")
+
+
+def test_fsdp_with_fp16_is_refused() -> None:
+    """fp16's gradient scaler would skip a step on some shards and not on others (CPUs do not
+    train in fp16, so this is the check a pre-Ampere GPU run meets)."""
+    config = TrainConfig(data_dir="d", run_dir="r", fsdp=True, optimizer="adamw")
+    with pytest.raises(UsageError, match=r"--fsdp with fp16 .* is not supported"):
+        sharding.check_precision(config, 2, torch.float16)
+    sharding.check_precision(config, 2, torch.bfloat16)
+    sharding.check_precision(config, 1, torch.float16)  # one process: nothing is sharded

@@ -158,6 +158,7 @@ def build_run(plan: RunPlan, device: torch.device, dist_info: DistributedInfo) -
     train_windows = TokenWindows(meta.bin_path(config.data_dir, "train"), meta.dtype, context)
     val_windows = TokenWindows(meta.bin_path(config.data_dir, "val"), meta.dtype, context)
     dtype = resolve_train_dtype(config.dtype, device)
+    sharding.check_precision(config, dist_info.world_size, dtype)
     # Before seeding: on CPU / MPS the peak is measured with random matrices, which would
     # otherwise draw from the RNG that dropout uses (and a resumed run would draw differently).
     device_peak_flops = peak_flops(device.type, dtype, device_name(device))

@@ -22,6 +22,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from mllm.config import TrainConfig
+from mllm.errors import UsageError
 from mllm.model import GPT
 
 # GPT's methods that run the network besides forward(): the training loss, validation's
@@ -43,6 +45,17 @@ def shard_model(model: GPT, device: torch.device, world_size: int, compile_block
     fully_shard(model, mesh=mesh)
     for method in FORWARD_METHODS:
         register_fsdp_forward_method(model, method)
+
+
+def check_precision(config: TrainConfig, world_size: int, dtype: torch.dtype) -> None:
+    """Refuse --fsdp in fp16 (exit 2): its gradient scaler decides from this rank's shards alone
+    whether to skip a step, so ranks could disagree and their shards diverge. (fp16 is what
+    `--dtype auto` picks on pre-Ampere GPUs only; CPUs do not train in it.)"""
+    if config.fsdp and world_size > 1 and dtype == torch.float16:
+        raise UsageError(
+            "--fsdp with fp16 (and its gradient scaler) is not supported: give --dtype fp32 "
+            "(or bf16 where the GPU has it), or train without --fsdp"
+        )
 
 
 def is_sharded(model: torch.nn.Module | None) -> bool:
