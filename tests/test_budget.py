@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from mllm.errors import UsageError
 from mllm.train import budget, loop
 from mllm.train import checkpoint as ckpt
 from mllm.train.plan import DEFAULT_MAX_STEPS, total_steps_for
+from mllm.train.schedule import wsd_decay_start
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,6 +32,8 @@ class FakeClock:
 
     def __init__(self) -> None:
         self.seconds = START_UP_SECONDS
+        self.step_seconds = STEP_SECONDS  # a test may change the machine's speed mid-run
+        self.steps = 0
 
     def advance(self, seconds: float) -> None:
         self.seconds += seconds
@@ -49,7 +53,8 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     real_step, real_nll, real_save = loop.train_step, loop.sum_nll, loop.save_checkpoint
 
     def step(*args, **kwargs):
-        clock.advance(STEP_SECONDS)
+        clock.advance(clock.step_seconds)
+        clock.steps += 1
         return real_step(*args, **kwargs)
 
     def nll(model, windows, starts, batch_size, *args, **kwargs):
@@ -92,8 +97,10 @@ def test_the_run_ends_on_its_planned_last_step_at_min_lr_inside_the_budget(
     config = budget_config(data_dir, run_dir, schedule=schedule, warmup_steps=10)
     result = loop.train(config)
     records = read_metrics(run_dir)
-    [plan_record] = [r for r in records if "time_plan" in r]
-    plan = budget.TimePlan.model_validate(plan_record["time_plan"])
+    plans = [budget.TimePlan.model_validate(r["time_plan"]) for r in records if "time_plan" in r]
+    plan = plans[-1]
+    # wsd plans again at the first plan's decay start; the cosine cannot (it decays throughout)
+    assert [p.replanned for p in plans] == ([False, True] if schedule == "wsd" else [False])
     assert plan.budget == 60.0 and plan.seconds_per_step == STEP_SECONDS
     if schedule == "cosine":  # its shape depends on the length after the warmup
         assert plan.planned_at_step <= config.warmup_steps
@@ -122,11 +129,12 @@ def test_a_resume_after_a_kill_continues_the_same_plan_bitwise(
 ) -> None:
     whole = loop.train(budget_config(data_dir, tmp_path / "whole"))
 
-    fake_clock.seconds = START_UP_SECONDS  # the same process again, killed after step 35
+    fake_clock.seconds = START_UP_SECONDS  # the same process again, killed after step 45 (after
+    # its re-plan at step 34: the first process plans, and plans again; a resume does neither)
     stepping = loop.train_step
 
     def step_then_die(*args, **kwargs):
-        if (ckpt.latest_checkpoint(tmp_path / "cut") or tmp_path).name == "step_000030":
+        if (ckpt.latest_checkpoint(tmp_path / "cut") or tmp_path).name == "step_000045":
             raise Killed
         return stepping(*args, **kwargs)
 
@@ -139,7 +147,7 @@ def test_a_resume_after_a_kill_continues_the_same_plan_bitwise(
     resumed = loop.train(budget_config(data_dir, tmp_path / "cut", resume=True))
     assert resumed.step == whole.step
     plans = [r for r in read_metrics(tmp_path / "cut") if "time_plan" in r]
-    assert len(plans) == 1  # planned once, by the first process
+    assert len(plans) == 2  # planned, then re-planned, by the first process alone
     a, b = (load_file(p / ckpt.WEIGHTS) for p in (whole.checkpoint, resumed.checkpoint))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -203,3 +211,49 @@ def test_cli_run_with_a_budget_records_its_plan(run_cli, data_dir: Path, tmp_pat
     assert "steps planned at step" in result.stderr
     state = json.loads((ckpt.latest_checkpoint(run_dir) / "state.json").read_text())
     assert state["step"] == state["time_plan"]["total_steps"] == state["total_steps"]
+
+
+@pytest.mark.parametrize("later_step_seconds", [0.5, 1.3], ids=["faster", "slower"])
+def test_wsd_replans_at_its_decay_start_when_the_machine_changes_speed(
+    fake_clock: FakeClock, data_dir: Path, tmp_path: Path, later_step_seconds: float
+) -> None:
+    """Steps twice as fast after the first plan: more steps, the constant phase goes on. 30 %
+    slower: fewer, the decay starts at the re-plan. Either way the run still fits its budget, no
+    learning rate already used changes, and none jumps."""
+    real_step = loop.train_step
+
+    def speed_changes(*args, **kwargs):
+        if fake_clock.steps == 12:  # just after the first plan (at step 11: 8 % of the budget)
+            fake_clock.step_seconds = later_step_seconds
+        return real_step(*args, **kwargs)
+
+    loop.train_step = speed_changes
+    try:
+        config = budget_config(data_dir, tmp_path / "r", eval_interval=100, ckpt_interval=100)
+        result = loop.train(config)
+    finally:
+        loop.train_step = real_step
+    records = read_metrics(tmp_path / "r")
+    first, second = [
+        budget.TimePlan.model_validate(r["time_plan"]) for r in records if "time_plan" in r
+    ]
+    assert second.replanned and second.planned_at_step == wsd_decay_start(config, first.total_steps)
+    assert second.seconds_per_step == pytest.approx(later_step_seconds)
+    if later_step_seconds < STEP_SECONDS:
+        assert second.total_steps > first.total_steps and second.decay_start is None
+    else:
+        assert second.total_steps < first.total_steps
+        assert second.decay_start == second.planned_at_step
+    assert result.step == second.total_steps
+    assert fake_clock.seconds <= 60.0
+    lrs = [r["lr"] for r in records if "loss" in r]
+    constant = lrs[config.warmup_steps : second.planned_at_step]  # steps before the re-plan
+    assert constant == [pytest.approx(config.lr)] * len(
+        constant
+    )  # the constant phase lasted at least to the re-plan
+    starts = second.decay_start or wsd_decay_start(config, second.total_steps)
+    decay = lrs[starts - 1 :]  # from the last step at the peak (lrs[k]: step k's, 0-based)
+    assert decay[0] == pytest.approx(config.lr) and lrs[-1] == pytest.approx(config.min_lr)
+    drops = [a - b for a, b in itertools.pairwise(decay)]
+    even = (config.lr - config.min_lr) / (second.total_steps - starts)
+    assert drops == [pytest.approx(even)] * len(drops)  # a straight line down: no jump

@@ -1,4 +1,5 @@
-"""--time-budget: how many steps fit in a wall-clock budget, decided once, early in the run.
+"""--time-budget: how many steps fit in a wall-clock budget, decided early in the run (and, with
+wsd, once more at its decay start).
 
 The whole command counts, from process start (imports, data, compilation) to exit (the final
 evaluation and checkpoint included). The run trains its first steps while it measures them:
@@ -8,8 +9,15 @@ and warm caches, are left out), `plan_steps` fixes the total so that the remaini
 evaluations and checkpoints they imply end inside the budget, and from then on the run is an
 ordinary run of that many steps: the schedule decays to --min-lr exactly at its last step.
 
+With --schedule wsd the run re-plans once, when it reaches the decay of its first plan
+(`replan_steps`): a plan made from the first ~20 steps is off by however much the machine's speed
+drifts later (shared cores, thermal limits, a first plan timed while other work ran), and until
+the decay no learning rate depends on the length. The re-plan times the steps since the first
+plan; if more steps fit, the constant phase goes on to the new plan's decay start; if fewer, the
+decay starts now (`decay_start`), shorter. No step's learning rate changes after it is used.
+
 The plan is written to metrics.jsonl and state.json; a resumed run takes the saved plan (it does
-not measure again), so resume stays exact.
+not measure again, nor re-plan), so resume stays exact.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from mllm.config import TrainConfig
+from mllm.train.schedule import wsd_decay_start
 
 COLD_STEPS = 5  # steps left out of the timing: compilation, allocator and cache warm-up
 MIN_TIMED_STEPS = 5
@@ -67,14 +76,21 @@ class TimePlan(BaseModel):
     seconds_per_eval: float = Field(ge=0, description="Estimated time of one validation.")
     seconds_per_checkpoint: float = Field(ge=0, description="Estimated time of one checkpoint.")
     total_steps: int = Field(ge=1, description="The run's planned length.")
+    decay_start: int | None = Field(
+        None,
+        description="wsd: the decay's first step, when a re-plan that fitted fewer steps started "
+        "it early (None: the last --decay-fraction of total_steps).",
+    )
+    replanned: bool = Field(False, description="Made again at the first plan's decay start.")
 
 
 class StepTimer:
     """Times the steps of the run's first process until there is enough to plan on."""
 
-    def __init__(self, config: TrainConfig, budget: float) -> None:
+    def __init__(self, config: TrainConfig, budget: float, cold_steps: int = COLD_STEPS) -> None:
         self.config = config
         self.budget = budget  # what is left of --time-budget to this process
+        self.cold_steps = cold_steps  # left out of the timing
         self.step_ends: list[float] = []  # clock after each step of this process
 
     def step_done(self) -> None:
@@ -83,7 +99,7 @@ class StepTimer:
     def seconds_per_step(self) -> float:
         """The median warm step (the first COLD_STEPS left out when there are enough)."""
         ends = self.step_ends
-        steady = ends[COLD_STEPS:] if len(ends) > COLD_STEPS + 1 else ends
+        steady = ends[self.cold_steps :] if len(ends) > self.cold_steps + 1 else ends
         gaps = sorted(b - a for a, b in itertools.pairwise(steady))
         if not gaps:  # a single step: all we know is how long the process took to do it
             return process_elapsed() / max(1, len(ends))
@@ -98,6 +114,33 @@ class StepTimer:
             return False
         steady_seconds = self.step_ends[-1] - self.step_ends[COLD_STEPS]
         return timed >= ENOUGH_TIMED_STEPS or steady_seconds >= ENOUGH_TIMED_FRACTION * self.budget
+
+
+def needs_replan(config: TrainConfig, plan: TimePlan, step: int) -> bool:
+    """A wsd run made its first plan in this process and has just reached that plan's decay."""
+    if config.schedule != "wsd" or plan.replanned or step >= plan.total_steps - 1:
+        return False
+    return step == wsd_decay_start(config, plan.total_steps)
+
+
+def replan_steps(
+    config: TrainConfig,
+    plan: TimePlan,
+    step: int,
+    run_elapsed: float,
+    seconds_per_step: float,
+    cap: int | None,
+) -> TimePlan:
+    """The plan made again at the first plan's decay start (`step`), from the steps timed since
+    (evaluations and checkpoints keep their first estimates). More steps: the constant phase
+    goes on until the new plan's decay start. Fewer: the decay starts at `step`, shorter than
+    --decay-fraction, so the learning rate falls from the peak without a jump."""
+    new = plan_steps(
+        config, step, run_elapsed, seconds_per_step, plan.seconds_per_eval,
+        plan.seconds_per_checkpoint, cap,
+    )  # fmt: skip
+    early = wsd_decay_start(config, new.total_steps) < step
+    return new.model_copy(update={"decay_start": step if early else None, "replanned": True})
 
 
 def plan_steps(

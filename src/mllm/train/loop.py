@@ -62,7 +62,7 @@ from mllm.train.resume import (
     rank_micro_starts,
     restore_rng_state,
 )
-from mllm.train.schedule import lr_at, lr_factor
+from mllm.train.schedule import lr_at, lr_factor, wsd_decay_start
 from mllm.train.signals import StopOnSignal
 from mllm.train.step import prepare_model, to_device, train_step
 from mllm.train.tracker import Boundary, NonFiniteLoss, StepStats, StepTracker
@@ -132,6 +132,12 @@ class Run:
     total_steps: int = 0  # the plan's; a --time-budget run fixes it after its first steps
     time_plan: budget.TimePlan | None = None
     step_timer: budget.StepTimer | None = None  # timing the first steps of a --time-budget run
+    replan_timer: budget.StepTimer | None = None  # timing the steps up to wsd's re-plan
+
+    @property
+    def decay_start(self) -> int | None:
+        """wsd's decay start when a --time-budget re-plan fixed it (None: from total_steps)."""
+        return self.time_plan.decay_start if self.time_plan is not None else None
 
     @property
     def config(self) -> TrainConfig:
@@ -308,8 +314,9 @@ def run_loop(run: Run, stop: StopOnSignal) -> TrainResult:
     tracker = StepTracker(run.device, run.dist, check_grads=not run.scaler.is_enabled())
     tracker.start_timer()
     while run.step < run.total_steps:
-        lr = lr_at(run.step, run.config, run.total_steps)
-        set_learning_rates(run.optimizer, lr_factor(run.step, run.config, run.total_steps))
+        lr = lr_at(run.step, run.config, run.total_steps, run.decay_start)
+        factor = lr_factor(run.step, run.config, run.total_steps, run.decay_start)
+        set_learning_rates(run.optimizer, factor)
         loss, grad_norm = train_step(
             run.module,
             run.optimizer,
@@ -325,6 +332,8 @@ def run_loop(run: Run, stop: StopOnSignal) -> TrainResult:
         run.display.step_done(run.step)
         if run.step_timer is not None:
             time_the_step(run)
+        elif run.replan_timer is not None:
+            time_for_replan(run)
 
         boundary = Boundary.after(run.step, run.config, run.total_steps)
         # One process checks for a signal after every step; ranks agree on it at boundaries.
@@ -387,6 +396,8 @@ def make_time_plan(run: Run) -> None:
 
     plan = on_rank0(decide, run.dist)
     run.step_timer = None
+    if run.config.schedule == "wsd":  # re-planned at this plan's decay start (budget.py)
+        run.replan_timer = budget.StepTimer(run.config, timer.budget, cold_steps=0)
     run.time_plan = plan.model_copy(update={"budget": run.config.time_budget})
     run.total_steps = plan.total_steps
     run.display.set_total(plan.total_steps)
@@ -401,6 +412,42 @@ def make_time_plan(run: Run) -> None:
             f"the budget fits {plan.total_steps:,} steps, no more than --warmup-steps "
             f"{run.config.warmup_steps}: the learning rate never reaches its peak"
         )
+
+
+def time_for_replan(run: Run) -> None:
+    """Record the step's end (no device sync: over many steps the host runs at the device's
+    pace); at the plan's decay start, plan again from these steps (budget.replan_steps)."""
+    assert run.replan_timer is not None and run.time_plan is not None
+    timer = run.replan_timer
+    timer.step_done()
+    if not budget.needs_replan(run.config, run.time_plan, run.step):
+        return
+    first = run.time_plan
+
+    def decide() -> budget.TimePlan:
+        cap = run.plan.total_steps if run.plan.total_steps != budget.UNPLANNED else None
+        return budget.replan_steps(
+            run.config.model_copy(update={"time_budget": timer.budget}),
+            first,
+            run.step,
+            budget.process_elapsed(),
+            timer.seconds_per_step(),
+            cap,
+        )
+
+    plan = on_rank0(decide, run.dist)
+    run.replan_timer = None
+    run.time_plan = plan.model_copy(update={"budget": run.config.time_budget})
+    run.total_steps = plan.total_steps
+    run.display.set_total(plan.total_steps)
+    run.metrics.write({"step": run.step, "time_plan": run.time_plan.model_dump()})
+    starts = plan.decay_start or wsd_decay_start(run.config, plan.total_steps)
+    decay = "its decay starts now" if starts == run.step else f"its decay starts at step {starts:,}"
+    run.display.note(
+        f"--time-budget {run.config.time_budget:g} s: re-planned at step {run.step:,}, the first "
+        f"plan's decay start: {plan.total_steps:,} steps instead of {first.total_steps:,} "
+        f"({plan.seconds_per_step:.3f} s per step since step {first.planned_at_step:,}; {decay})"
+    )
 
 
 def estimate_eval_seconds(run: Run) -> float:

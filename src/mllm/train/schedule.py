@@ -13,15 +13,19 @@ import math
 from mllm.config import TrainConfig
 
 
-def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
-    """The fraction of the peak learning rate for optimizer step `step` (0-based)."""
+def lr_factor(
+    step: int, config: TrainConfig, total_steps: int, decay_start: int | None = None
+) -> float:
+    """The fraction of the peak learning rate for optimizer step `step` (0-based). `decay_start`:
+    wsd's first decay step when a --time-budget re-plan fixed it (train/budget.py)."""
     floor = config.min_lr / config.lr
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if step >= total_steps - 1 and total_steps > config.warmup_steps:
         return floor  # the last step is always at the floor: the schedule ends on time
     if config.schedule == "wsd":
-        decay_start = wsd_decay_start(config, total_steps)
+        if decay_start is None:
+            decay_start = wsd_decay_start(config, total_steps)
         if step < decay_start:
             return 1.0
         progress = (step - decay_start + 1) / max(1, total_steps - decay_start)
@@ -38,6 +42,8 @@ def wsd_decay_start(config: TrainConfig, total_steps: int) -> int:
     return max(config.warmup_steps, total_steps - decay_steps)
 
 
-def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+def lr_at(
+    step: int, config: TrainConfig, total_steps: int, decay_start: int | None = None
+) -> float:
     """The AdamW groups' learning rate (--lr's schedule) at `step`: what metrics.jsonl logs."""
-    return config.lr * lr_factor(step, config, total_steps)
+    return config.lr * lr_factor(step, config, total_steps, decay_start)
