@@ -236,9 +236,10 @@ def restore_checkpoint(run: Run, checkpoint: Path, state: ckpt.RunState) -> None
     """Put the optimizer, gradient scaler, data position, RNGs and counters back as they were
     when `checkpoint` was saved (the weights are already loaded)."""
     trainer = load_resume_file(lambda: ckpt.read_trainer_state(checkpoint))
-    load_optimizer_state(run.optimizer, trainer["optimizer"], run.config)
-    if sharding.is_sharded(run.model):
-        sharding.shard_optimizer_state(run.optimizer)
+    saved = trainer["optimizer"]
+    if sharding.is_sharded(run.model):  # this rank's shards of the whole tensors saved
+        saved = sharding.shard_saved_optimizer_state(run.optimizer, saved)
+    load_optimizer_state(run.optimizer, saved, run.config)
     if run.scaler.is_enabled() and trainer.get("scaler"):
         run.scaler.load_state_dict(trainer["scaler"])
     run.stream.load_state_dict(state.data_position)
@@ -531,13 +532,14 @@ def save_checkpoint(run: Run, val_loss: float | None, new_best: bool) -> None:
     optimizer state); rank 0 writes.
     """
     rng_states = gather_objects(capture_rng_state(run.device), run.dist)
-    sharded = sharding.is_sharded(run.model)
-    weights = sharding.full_weights(run.model) if sharded else run.model
-    optimizer_state = (
-        sharding.full_optimizer_state(run.optimizer) if sharded else run.optimizer.state_dict()
-    )
-    if not run.dist.is_main:
+    main = run.dist.is_main
+    if sharding.is_sharded(run.model):  # every rank gathers; rank 0 alone keeps the copies
+        weights = sharding.full_weights(run.model, keep=main)
+        optimizer_state = sharding.full_optimizer_state(run.optimizer, keep=main)
+    if not main:
         return
+    if not sharding.is_sharded(run.model):
+        weights, optimizer_state = run.model, run.optimizer.state_dict()
     state = ckpt.RunState(
         step=run.step,
         tokens_seen=run.tokens_seen,

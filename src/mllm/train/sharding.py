@@ -9,8 +9,9 @@ losses of a DDP or one-process run of the same global batch.
 What a checkpoint holds does not depend on sharding: `full_weights` and `full_optimizer_state`
 gather the whole tensors (collectives: every rank calls them, in the same order), so
 model.safetensors and trainer.pt are what a one-process run writes, and eval / generate / serve
-/ a resume on any number of processes read them as they are. `shard_optimizer_state` is the way
-back: a full optimizer state loaded into a sharded run keeps this rank's slice of each tensor.
+/ a resume on any number of processes read them as they are. `shard_saved_optimizer_state` is
+the way back: a full optimizer state loaded into a sharded run keeps this rank's slice of each
+tensor.
 """
 
 from __future__ import annotations
@@ -68,39 +69,59 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def full_weights(model: GPT) -> dict[str, torch.Tensor]:
+def gathered(tensor: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """The whole tensor, on the CPU, on the rank that keeps it (None on the others). Sharded,
+    every rank calls it (a collective); gathered one tensor at a time, so a device holds at most
+    one whole tensor beside its shards."""
+    whole = full_tensor(tensor.detach())
+    return whole.contiguous().cpu() if keep else None
+
+
+def full_weights(model: GPT, keep: bool = True) -> dict[str, torch.Tensor] | None:
     """The model's state dict as whole tensors on the CPU, the names of the unwrapped model (what
-    model.safetensors holds). Sharded: every rank must call it."""
-    return {
-        name: full_tensor(tensor.detach()).contiguous().cpu()
-        for name, tensor in model.state_dict().items()
-    }
+    model.safetensors holds); None where not `keep` (sharded, every rank must call it, and only
+    the one that writes keeps a copy)."""
+    weights = {name: gathered(tensor, keep) for name, tensor in model.state_dict().items()}
+    return weights if keep else None  # type: ignore[return-value]
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """optimizer.state_dict() with each sharded tensor gathered whole: the state dict of an
-    unsharded run. Every rank must call it (state_dict orders the state alike on every rank)."""
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
+    """optimizer.state_dict() with each sharded tensor gathered whole onto the CPU: the state
+    dict of an unsharded run (on the rank that keeps it; elsewhere the gathers only). Every rank
+    must call it (state_dict orders the state alike on every rank)."""
     saved = optimizer.state_dict()
     saved["state"] = {
-        index: {key: full_tensor(value) for key, value in state.items()}
+        index: {
+            key: gathered(value, keep) if isinstance(value, DTensor) else value
+            for key, value in state.items()
+        }
         for index, state in saved["state"].items()
     }
     return saved
 
 
-def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After loading a full state dict: each tensor of a sharded parameter's state (AdamW's
-    moments) becomes this rank's shard of it, laid out as the parameter is. No communication:
-    every rank holds the whole tensor and keeps its own slice."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if not isinstance(param, DTensor):
-                continue
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                whole = isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
-                if whole and value.shape == param.shape:  # not AdamW's step count
-                    state[key] = distribute_tensor(
-                        value.to(param.device), param.device_mesh, param.placements,
-                        src_data_rank=None,
-                    )  # fmt: skip
+def shard_saved_optimizer_state(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+) -> dict[str, Any]:
+    """A whole (unsharded) optimizer state dict, read on the CPU, with each tensor of a sharded
+    parameter's state (AdamW's moments) cut to this rank's shard, laid out as the parameter is:
+    what `optimizer.load_state_dict` then loads. One tensor at a time reaches the device (never
+    the whole state), and no communication: every rank read the whole file."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state = {}
+    for index, values in saved["state"].items():
+        param = params[index]
+        state[index] = {
+            key: shard_like(value, param) if isinstance(param, DTensor) else value
+            for key, value in values.items()
+        }
+    return {**saved, "state": state}
+
+
+def shard_like(value: Any, param: DTensor) -> Any:
+    """`value` as a DTensor laid out as `param`, if it has the parameter's shape (not AdamW's
+    step count)."""
+    if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        return value
+    whole = value.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
