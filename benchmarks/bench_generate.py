@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -307,7 +308,7 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         rows += measure_config(name, args)
-        if args.serve_batch and args.hf and hf_model(CONFIGS[name], torch.float32) is not None:
+        if args.serve_batch and args.hf and importlib.util.find_spec("transformers") is not None:
             rows += measure_serve_batch(name, args)
     report["load_average_end"] = load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)

@@ -135,6 +135,11 @@ class Run:
     replan_timer: budget.StepTimer | None = None  # timing the steps up to wsd's re-plan
 
     @property
+    def step_cap(self) -> int | None:
+        """A --time-budget run's --max-steps / --max-tokens cap (None: the budget alone)."""
+        return None if self.plan.total_steps == budget.UNPLANNED else self.plan.total_steps
+
+    @property
     def decay_start(self) -> int | None:
         """wsd's decay start when a --time-budget re-plan fixed it (None: from total_steps)."""
         return self.time_plan.decay_start if self.time_plan is not None else None
@@ -384,7 +389,6 @@ def make_time_plan(run: Run) -> None:
     eval_seconds = estimate_eval_seconds(run)  # every rank: under FSDP a forward is collective
 
     def decide() -> budget.TimePlan:
-        cap = None if run.total_steps == budget.UNPLANNED else run.total_steps
         return budget.plan_steps(
             run.config.model_copy(update={"time_budget": timer.budget}),
             run.step,
@@ -392,17 +396,14 @@ def make_time_plan(run: Run) -> None:
             timer.seconds_per_step(),
             eval_seconds,
             estimate_checkpoint_seconds(run),
-            cap,
+            run.step_cap,
         )
 
     plan = on_rank0(decide, run.dist)
     run.step_timer = None
     if run.config.schedule == "wsd":  # re-planned at this plan's decay start (budget.py)
         run.replan_timer = budget.StepTimer(run.config, timer.budget, cold_steps=0)
-    run.time_plan = plan.model_copy(update={"budget": run.config.time_budget})
-    run.total_steps = plan.total_steps
-    run.display.set_total(plan.total_steps)
-    run.metrics.write({"step": run.step, "time_plan": run.time_plan.model_dump()})
+    take_plan(run, plan)
     run.display.note(
         f"--time-budget {run.config.time_budget:g} s: {plan.total_steps:,} steps planned at step "
         f"{run.step:,} ({plan.seconds_per_step:.3f} s per step, {budget.process_elapsed():.1f} s "
@@ -413,6 +414,15 @@ def make_time_plan(run: Run) -> None:
             f"the budget fits {plan.total_steps:,} steps, no more than --warmup-steps "
             f"{run.config.warmup_steps}: the learning rate never reaches its peak"
         )
+
+
+def take_plan(run: Run, plan: budget.TimePlan) -> None:
+    """Every rank follows `plan` from this step; metrics.jsonl records it (its budget: the whole
+    --time-budget, not what was left to this process)."""
+    run.time_plan = plan.model_copy(update={"budget": run.config.time_budget})
+    run.total_steps = plan.total_steps
+    run.display.set_total(plan.total_steps)
+    run.metrics.write({"step": run.step, "time_plan": run.time_plan.model_dump()})
 
 
 def time_for_replan(run: Run) -> None:
@@ -426,22 +436,18 @@ def time_for_replan(run: Run) -> None:
     first = run.time_plan
 
     def decide() -> budget.TimePlan:
-        cap = run.plan.total_steps if run.plan.total_steps != budget.UNPLANNED else None
         return budget.replan_steps(
             run.config.model_copy(update={"time_budget": timer.budget}),
             first,
             run.step,
             budget.process_elapsed(),
             timer.seconds_per_step(),
-            cap,
+            run.step_cap,
         )
 
     plan = on_rank0(decide, run.dist)
     run.replan_timer = None
-    run.time_plan = plan.model_copy(update={"budget": run.config.time_budget})
-    run.total_steps = plan.total_steps
-    run.display.set_total(plan.total_steps)
-    run.metrics.write({"step": run.step, "time_plan": run.time_plan.model_dump()})
+    take_plan(run, plan)
     starts = plan.decay_start or wsd_decay_start(run.config, plan.total_steps)
     decay = "its decay starts now" if starts == run.step else f"its decay starts at step {starts:,}"
     run.display.note(
@@ -532,13 +538,13 @@ def save_checkpoint(run: Run, val_loss: float | None, new_best: bool) -> None:
     optimizer state); rank 0 writes.
     """
     rng_states = gather_objects(capture_rng_state(run.device), run.dist)
-    main = run.dist.is_main
-    if sharding.is_sharded(run.model):  # every rank gathers; rank 0 alone keeps the copies
+    main, sharded = run.dist.is_main, sharding.is_sharded(run.model)
+    if sharded:  # every rank gathers (collectives); rank 0 alone keeps the copies
         weights = sharding.full_weights(run.model, keep=main)
         optimizer_state = sharding.full_optimizer_state(run.optimizer, keep=main)
     if not main:
         return
-    if not sharding.is_sharded(run.model):
+    if not sharded:
         weights, optimizer_state = run.model, run.optimizer.state_dict()
     state = ckpt.RunState(
         step=run.step,

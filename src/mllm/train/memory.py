@@ -31,6 +31,7 @@ import torch
 
 from mllm.config import ModelConfig, TrainConfig
 from mllm.model import GPT
+from mllm.train.optim import parameter_groups
 
 FP32 = 4
 HALF = 2
@@ -95,13 +96,13 @@ def estimate_step_memory(
     weights, gradients and optimizer state are each process's shard, plus two blocks gathered
     whole). DDP keeps a second copy of the gradients in its all-reduce buckets."""
     parameters = model.num_parameters()
-    matrices = sum(
-        p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and "blocks." in name
+    muon = sum(  # the parameters Muon takes (none with AdamW): one momentum each
+        p.numel()
+        for name, group in parameter_groups(model, config.optimizer).items()
+        if name.startswith("muon_")
+        for p in group
     )
-    if config.optimizer == "muon":
-        optimizer = FP32 * matrices + 2 * FP32 * (parameters - matrices)
-    else:
-        optimizer = 2 * FP32 * parameters
+    optimizer = FP32 * muon + 2 * FP32 * (parameters - muon)
     weights = gradients = FP32 * parameters
     half = dtype in (torch.bfloat16, torch.float16)
     sharded = config.fsdp and world_size > 1
