@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchlib import BENCH_BATCH_SIZE, BENCH_MODEL, cpu_name, load_average
+from mllm import attention
 from mllm.config import ModelConfig, TrainConfig
 from mllm.data.datadir import DATA_JSON
 from mllm.data.meta import DataMeta, SplitMeta
@@ -164,7 +165,8 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 BASELINE_DESCRIPTION = (
     "nanoGPT-style step on the same GPT: forward computing full logits, F.cross_entropy on "
-    "fp32 logits (compiled with the model, or eager), torch AdamW (fused only on CUDA, foreach "
+    "fp32 logits (compiled with the model, or eager), attention by SDPA forward and backward "
+    "(nanoGPT's; not mllm's CPU matmul backward), torch AdamW (fused only on CUDA, foreach "
     "on CPU), clip 1.0, autocast in the same precision"
 )
 
@@ -195,6 +197,9 @@ def baseline_optimizer(model: GPT, device: torch.device) -> torch.optim.AdamW:
 def make_baseline_step(
     model_config: ModelConfig, device: torch.device, dtype: torch.dtype, compile: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    # nanoGPT's attention is SDPA, backward included: mllm's CPU backward (mllm.attention) is off
+    # in this side's process.
+    attention.MATMUL_BACKWARD_MAX_LENGTH = 0
     model = GPT(model_config).to(device)
     module = torch.compile(PlainLoss(model)) if compile else PlainLoss(model)
     optimizer = baseline_optimizer(model, device)
@@ -518,6 +523,13 @@ def active_changes(device: torch.device, dtype: torch.dtype, model_config: Model
         "fused chunked head + cross-entropy (mllm.losses): no full logits, the head's gradient "
         "computed in forward per row chunk (3 head matmuls, no recomputation)"
     )
+    probe = torch.zeros(1, 1, model_config.context, 1, device=device, requires_grad=True)
+    if attention.uses_matmul_backward(probe, model_config.dropout):
+        changes.append(
+            "attention's backward as batched matmuls from the flash kernel's log-sum-exp "
+            "(mllm.attention; CPU, contexts up to "
+            f"{attention.MATMUL_BACKWARD_MAX_LENGTH}), where SDPA's own CPU backward is slow"
+        )
     if optimizer.defaults.get("fused"):
         changes.append(f"fused AdamW on {device.type} (one kernel for all parameters)")
     changes.append("no host sync per step (loss and grad norm read at log boundaries only)")

@@ -5,10 +5,11 @@
            -> final LayerNorm -> output head (tied to the token embedding) -> logits
 
 Attention is multi-head causal self-attention with one fused QKV projection and PyTorch's
-`scaled_dot_product_attention`. A preallocated KV cache makes decoding incremental: `forward`
-takes the position of its first token, so a cached decode step and a full forward give the same
-logits. The cache also allows a different position per batch row, which lets a server decode
-requests of different lengths together.
+`scaled_dot_product_attention` (in training on CPU with a faster backward: attention.py). A
+preallocated KV cache makes decoding incremental: `forward` takes the position of its first
+token, so a cached decode step and a full forward give the same logits. The cache also allows a
+different position per batch row, which lets a server decode requests of different lengths
+together.
 
 Everything that uses the network goes through this file: training (`loss`), scoring
 (`token_nll`: eval and validation), and decoding (`prefill` and `decode_step`: `mllm generate`
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mllm.attention import causal_attention
 from mllm.config import ModelConfig
 from mllm.losses import linear_cross_entropy, rows_per_chunk
 
@@ -185,7 +187,7 @@ class CausalSelfAttention(nn.Module):
         )
         dropout = self.dropout if self.training else 0.0
         if cache is None or span is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=length > 1)
+            y = causal_attention(q, k, v, dropout)
         else:
             y = span.attend(q, k, v, cache, dropout).to(x.dtype)
         y = y.transpose(1, 2).contiguous().view(batch, length, width)
