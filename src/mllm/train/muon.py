@@ -88,27 +88,43 @@ class Muon(torch.optim.Optimizer):
             list
         )
         for group in self.param_groups:
-            momentum = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            buffers = [self._momentum_buffer(p) for p in params]
+            # One kernel per list instead of two per matrix: buf <- lerp(buf, grad, 1 - momentum),
+            # and Nesterov's look-ahead update = lerp(grad, buf, momentum).
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+            updates = (
+                torch._foreach_lerp(grads, buffers, group["momentum"])
+                if group["nesterov"]
+                else buffers
+            )
+            for p, update in zip(params, updates, strict=True):
                 rows = p.size(0) // group["parts"]
                 for index in range(group["parts"]):
                     part = slice(index * rows, (index + 1) * rows)
                     by_shape[(rows, p.size(1))].append((p, group, part, update[part]))
         for (rows, cols), parts in by_shape.items():
-            ortho = orthogonalise(torch.stack([update for *_, update in parts]))
+            # Stacked straight into bf16, the iteration's dtype: one copy, not a stack then a cast.
+            stacked = torch.empty(
+                (len(parts), rows, cols), dtype=torch.bfloat16, device=parts[0][0].device
+            )
+            for slot, (*_, update) in zip(stacked, parts, strict=True):
+                slot.copy_(update)
+            ortho = orthogonalise(stacked)
             scale = shape_scale(rows, cols)
             decayed: set[int] = set()
             for (p, group, part, _), o in zip(parts, ortho, strict=True):
                 if id(p) not in decayed and group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, once per tensor
                 decayed.add(id(p))
-                p[part].add_(o.to(p.dtype), alpha=-group["lr"] * scale)
+                p[part].add_(o, alpha=-group["lr"] * scale)  # bf16 into fp32: exact widening
         return loss
+
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        return state["momentum_buffer"]
