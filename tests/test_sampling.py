@@ -55,8 +55,8 @@ def test_rows_keep_their_own_parameters_and_seeds() -> None:
 @given(
     st.lists(st.floats(-20, 20), min_size=2, max_size=30),
     st.integers(0, 40),
-    st.floats(0.01, 1.0),
-    st.floats(0.05, 3.0),
+    st.one_of(st.floats(0.01, 1.0), st.floats(1e-300, 1e-3)),
+    st.one_of(st.floats(0.05, 3.0), st.floats(1e-300, 1e-3), st.floats(3.0, 1e300)),
 )
 def test_sampled_token_is_always_allowed(values, top_k, top_p, temperature) -> None:
     logits = torch.tensor([values])

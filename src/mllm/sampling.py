@@ -26,10 +26,15 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     """Temperature-scaled logits with tokens outside each row's top-k / top-p set to -inf.
 
     logits: (B, V) float. Rows with temperature 0 are left unscaled (they are decoded greedily).
+    Each row's maximum is subtracted before dividing (the softmax is the same): a temperature as
+    small as 1e-179 then sends every other logit to -inf instead of the maximum to inf, whose
+    softmax would be NaN. Temperatures under the logits' smallest normal number (which would
+    round to 0) count as that number.
     """
     device = logits.device
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-    logits = logits / temperature[:, None]
+    temperature = temperature.to(logits.dtype).clamp(min=torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
     vocab = logits.shape[-1]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     needs_top_p = any(p.top_p < 1.0 for p in params)
@@ -51,7 +56,9 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     # left alone: a float32 cumsum reaches 1.0 before the tail, which would cut it.
     mass_before = torch.cumsum(probs, dim=-1) - probs
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-    sorted_logits = sorted_logits.masked_fill((mass_before >= top_p) & (top_p < 1.0), float("-inf"))
+    # (rank 0 is never dropped: a top_p that rounds to 0 in float32 would drop every token)
+    cut = (mass_before >= top_p) & (top_p < 1.0) & (ranks > 0)
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
