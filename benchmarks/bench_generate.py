@@ -21,7 +21,9 @@ when each token's logits are ready). `--no-hf` leaves it out.
 engine (mllm.serve.engine.Engine, what `mllm serve` decodes with) generating for that many
 prompts at once, against transformers' `generate` on the same batch: generated tokens per second
 over all rows, decode steps only (the engine's own step timer; transformers' from its first new
-token's logits to its last).
+token's logits to its last). That part runs in a fresh process set up as `mllm serve` is: its main
+thread on 1 CPU thread, the engine's decode thread on the cores, and transformers in a thread of
+its own while no engine is alive (an OpenMP team per thread: mllm.serve.engine, "CPU threads").
 
 Prints one JSON line: machine facts, then one row per (config, dtype, threads).
 """
@@ -30,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
+import multiprocessing
 import os
 import statistics
 import threading
@@ -124,6 +128,31 @@ def engine_rate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> fl
     return rows / (engine.stats.decode_seconds - before.decode_seconds)
 
 
+def fresh_engine_rate(model: GPT, prompts: list[list[int]], new_tokens: int, threads: int) -> float:
+    """engine_rate of a new engine over `model`, stopped (its thread gone) before returning."""
+    engine = Engine(model, [b"x"] * model.config.vocab_size, None, len(prompts), threads=threads)
+    engine.start()
+    try:
+        engine_rate(engine, prompts, 8)  # warm-up
+        return engine_rate(engine, prompts, new_tokens)
+    finally:
+        engine.stop()
+
+
+def in_own_thread(work: Callable[[], float], threads: int) -> float:
+    """`work()` run in a new thread with `threads` CPU threads."""
+    result: list[float] = []
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        result.append(work())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
 def hf_batch_rate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> float:
     """Generated tokens/s of transformers' `generate` on the same batch (equal-length prompts,
     greedy), from the first new token's logits to the last's."""
@@ -132,27 +161,35 @@ def hf_batch_rate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: 
 
 
 def measure_serve_batch(name: str, args: argparse.Namespace) -> list[dict]:
-    """Rows for the serve engine's batch against transformers' at the same batch."""
+    """Rows for the serve engine's batch against transformers' at the same batch, measured in a
+    fresh process whose main thread, as `mllm serve`'s, never runs a parallel kernel."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(serve_batch_rows, (name, args))
+
+
+def serve_batch_rows(name: str, args: argparse.Namespace) -> list[dict]:
+    """The serve-batch rows (runs in its own process, see measure_serve_batch).
+
+    Like `mllm serve`, the main thread keeps 1 CPU thread and the engine's decode thread gets
+    the cores (mllm.serve.engine, "CPU threads"). transformers runs in a thread of its own with
+    the same count while no engine is alive, so each side has the only OpenMP team beside the
+    idle main thread: a fresh engine per repeat."""
+    torch.set_num_threads(1)
+    threads = args.threads[0]
     config = CONFIGS[name]
     torch.manual_seed(0)
     prompts = torch.randint(0, config.vocab_size, (args.serve_batch, args.prompt_tokens)).tolist()
-    torch.set_num_threads(args.threads[0])
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
-        engine = Engine(GPT(config).to(dtype).eval(), [b"x"] * config.vocab_size, None,
-                        args.serve_batch)  # fmt: skip
-        engine.start()
+        model = GPT(config).to(dtype).eval()
         hf = hf_model(config, dtype)
         ours, theirs = [], []
-        try:
-            engine_rate(engine, prompts, 8)  # warm-up
-            hf_batch_rate(hf, prompts, 8)
-            for _ in range(args.repeats):
-                ours.append(engine_rate(engine, prompts, args.new_tokens))
-                theirs.append(hf_batch_rate(hf, prompts, args.new_tokens))
-        finally:
-            engine.stop()
+        for _ in range(args.repeats + 1):  # the first round warms both up
+            ours.append(fresh_engine_rate(model, prompts, args.new_tokens, threads))
+            hf_rate = functools.partial(hf_batch_rate, hf, prompts, args.new_tokens)
+            theirs.append(in_own_thread(hf_rate, threads))
+        ours, theirs = ours[1:], theirs[1:]
         row = {
             "config": name, "dtype": dtype_name, "threads": args.threads[0],
             "batch": args.serve_batch,

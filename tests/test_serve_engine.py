@@ -275,3 +275,27 @@ def test_a_sampled_tokens_logprobs_come_with_its_text(model, tokenizer) -> None:
         assert not any(isinstance(e, Logprobs) for e in outcome.events)  # no prompt scoring asked
         assert sum(len(delta.logprobs) for delta in deltas) == outcome.end.completion_tokens
         assert all(len(delta.logprobs) == 1 for delta in deltas if delta.text)
+
+
+def test_the_decode_thread_runs_on_its_own_thread_count(model, tokenizer) -> None:
+    """`threads` is the decode thread's own CPU thread count (mllm serve keeps its main thread
+    at 1 and gives the cores to this one)."""
+    before = torch.get_num_threads()
+    wanted = before + 1  # differs from what this process has, so the check can fail
+    seen: list[int] = []
+    engine = Engine(model, token_byte_table(tokenizer), None, 1, threads=wanted)
+    completion, outcome = sequence(tokenizer, PROMPTS[0], max_tokens=2)
+
+    def record_threads(event: Event) -> None:  # called on the decode thread
+        seen.append(torch.get_num_threads())
+        outcome.record(event)
+
+    completion.emit = record_threads
+    engine.start()
+    try:
+        engine.submit([completion])
+        assert outcome.done.wait(30) and outcome.end == Finished("length", 2)
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)  # torch's count is also a process-wide default
+    assert seen and set(seen) == {wanted}

@@ -659,6 +659,13 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
     from mllm.train.checkpoint import STATE, load_checkpoint, load_run_tokenizer, run_dir_of
 
     device = pick_device(config.device)
+    threads = None
+    if device.type == "cpu":
+        # Only the engine's decode thread runs parallel kernels: an OpenMP team of this thread's
+        # as well would slow every decode step (engine.py, "CPU threads"). So 1 thread here,
+        # from before the first kernel (loading the checkpoint).
+        torch.set_num_threads(1)
+        threads = decode_threads(config.threads, reserved=1)
     dtype = resolve_decode_dtype(config.dtype, device)
     loaded = load_checkpoint(checkpoint, device=device, dtype=dtype)
     tokenizer = load_run_tokenizer(loaded, config.tokenizer)
@@ -668,10 +675,8 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
             f"{vocab_size}: pass the run's own tokenizer.json"
         )
-    if device.type == "cpu":
-        choice = decode_threads(config.threads, reserved=1)
-        torch.set_num_threads(choice.count)
-        info(f"decoding on cpu {DTYPE_NAMES[dtype]} with {choice}")
+    if threads is not None:
+        info(f"decoding on cpu {DTYPE_NAMES[dtype]} with {threads}")
     tokens = TokenTable.of(tokenizer, vocab_size)
     engine = Engine(
         loaded.model,
@@ -679,6 +684,7 @@ def load_served_model(config: ServeConfig, checkpoint: Path) -> ServedModel:
         eot_id=loaded.data.eot_id,
         max_batch_size=config.max_batch_size,
         max_waiting=config.max_waiting,
+        threads=None if threads is None else threads.count,
     )
     name = config.model_name or run_dir_of(checkpoint).resolve().name or "mllm"
     return ServedModel(

@@ -23,6 +23,13 @@ forward); rows that do not ask pay nothing (no log_softmax, no top-k). With `sco
 (echo), the prompt also runs once through a full forward, whose per-position logits give every
 prompt token's log-probability as `mllm eval` computes them; `max_tokens` 0 then only scores.
 
+CPU threads: the decode thread sets its own count (`threads`). With PyTorch's OpenMP, every
+thread that runs parallel kernels gets its own team of worker threads, and once the process has
+more OpenMP threads than cores, every team's workers stop spinning between kernels and sleep: a
+main thread that had run a parallel kernel (loading the model, say) made each decode step of the
+bench model at batch 8 take 9.3 ms on 2 cores instead of 3.3. So `mllm serve` keeps its main
+thread at 1 thread (no team) and gives the cores to this one (benchmarks/bench_generate.py).
+
 Each row samples with its own torch.Generator, so a seeded sequence draws the same tokens
 whatever else is in the batch. Events go back through the `emit` callback each sequence carries
 (serve.py hands them to the request's asyncio queue); the engine never blocks on a client.
@@ -155,8 +162,10 @@ class Engine:
         eot_id: int | None,
         max_batch_size: int,
         max_waiting: int | None = None,
+        threads: int | None = None,
     ) -> None:
         self.model = model
+        self.threads = threads  # CPU threads of the decode thread (None: as torch has it)
         self.eot_id = eot_id
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting  # None: no limit
@@ -204,6 +213,8 @@ class Engine:
     # -- the decode thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # this thread's own OpenMP team (see the top)
         with torch.inference_mode():
             while (admitted := self._wait_for_work()) is not None:
                 try:
