@@ -55,8 +55,9 @@ ARMS = {
     "cosine": ["--schedule", "cosine"],
     "gpt2_init": ["--no-zero-init-residual"],
     "warmup100": ["--warmup-steps", "100"],
+    "ns3": ["--muon-ns-steps", "3"],  # cheaper orthogonalisation (with --arms)
 }
-ABLATIONS = ["adamw", "cosine", "gpt2_init"]  # --ablations (warmup100: with --arms)
+ABLATIONS = ["adamw", "cosine", "gpt2_init"]  # --ablations (warmup100, ns3: with --arms)
 
 
 def mllm(

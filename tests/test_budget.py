@@ -190,6 +190,7 @@ def test_cosine_budget_needs_a_warmup_to_plan_in() -> None:
         (["--time-budget", "-5"], "--time-budget: Input should be greater than 0"),
         (["--time-budget", "abc"], "--time-budget: 'abc' is not a duration"),
         (["--decay-fraction", "1.5"], "--decay-fraction: Input should be less than or equal to 1"),
+        (["--muon-ns-steps", "0"], "--muon-ns-steps: Input should be greater than or equal to 1"),
         (["--optimizer", "sgd"], "--optimizer"),
         (["--schedule", "linear"], "--schedule"),
     ],

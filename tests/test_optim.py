@@ -77,6 +77,34 @@ def test_muon_equals_torch_muon_on_a_plain_matrix() -> None:
     assert torch.equal(ours, theirs)
 
 
+def test_muon_ns_steps_sets_the_iterations_of_each_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--muon-ns-steps reaches every Muon group, and each update runs that many iterations."""
+    import mllm.train.muon as muon_module
+
+    config = TrainConfig(model=TINY, optimizer="muon", muon_ns_steps=3)
+    model = GPT(TINY)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    muon_groups = [g for g in optimizer.param_groups if g["name"].startswith("muon_")]
+    assert muon_groups and {g["ns_steps"] for g in muon_groups} == {3}
+    calls: list[int] = []
+    original = muon_module.orthogonalise
+
+    def recording(updates: torch.Tensor, steps: int) -> torch.Tensor:
+        calls.append(steps)
+        return original(updates, steps)
+
+    monkeypatch.setattr(muon_module, "orthogonalise", recording)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert calls and set(calls) == {3}
+    # fewer iterations: a different (less orthogonal) update than the default 5
+    updates = torch.randn(2, 8, 8)
+    assert not torch.equal(original(updates, 3), original(updates))
+
+
 def test_a_fused_matrix_is_orthogonalised_as_its_parts() -> None:
     torch.manual_seed(0)
     fused = torch.nn.Parameter(torch.randn(3 * 16, 16))

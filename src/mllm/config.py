@@ -216,6 +216,9 @@ class TrainConfig(CommandConfig):
     muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of Muon's matrices.")
     muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's (Nesterov) momentum.")
     muon_weight_decay: float = Field(0.0, ge=0, description="Muon's decoupled weight decay.")
+    muon_ns_steps: int = Field(
+        5, ge=1, le=20, description="Newton-Schulz iterations of each Muon update."
+    )
     schedule: Literal["cosine", "wsd"] = Field(
         "wsd",
         description="wsd: warmup, constant, then a linear decay over the last --decay-fraction; "

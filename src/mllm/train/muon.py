@@ -25,7 +25,7 @@ NS_STEPS = 5
 EPS = 1e-7
 
 
-def orthogonalise(updates: Tensor) -> Tensor:
+def orthogonalise(updates: Tensor, steps: int = NS_STEPS) -> Tensor:
     """Approximately U·Vᵀ of each matrix of a (N, rows, cols) stack, by the quintic
     Newton-Schulz iteration in bf16 (singular values land in about [0.7, 1.2], which trains as
     well as the exact U·Vᵀ)."""
@@ -35,7 +35,7 @@ def orthogonalise(updates: Tensor) -> Tensor:
     if tall:
         x = x.transpose(1, 2)
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=EPS)  # spectral norm at most 1
-    for _ in range(NS_STEPS):
+    for _ in range(steps):
         gram = x @ x.transpose(1, 2)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G²
         x = torch.baddbmm(x, poly, x, beta=a)  # a·X + poly·X
@@ -59,8 +59,10 @@ class Muon(torch.optim.Optimizer):
         momentum: float = 0.95,
         weight_decay: float = 0.0,
         nesterov: bool = True,
+        ns_steps: int = NS_STEPS,
     ) -> None:
         defaults = {
+            "ns_steps": ns_steps,
             "lr": lr,
             "momentum": momentum,
             "weight_decay": weight_decay,
@@ -83,9 +85,10 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # (rows, cols) of a part -> the parts of that shape, each (param, group, row slice).
-        by_shape: dict[tuple[int, int], list[tuple[Tensor, dict, slice, Tensor]]] = defaultdict(
-            list
+        # (rows, cols, iterations) of a part -> the parts of that shape, each (param, group, row
+        # slice, update).
+        by_shape: dict[tuple[int, int, int], list[tuple[Tensor, dict, slice, Tensor]]] = (
+            defaultdict(list)
         )
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -105,15 +108,16 @@ class Muon(torch.optim.Optimizer):
                 rows = p.size(0) // group["parts"]
                 for index in range(group["parts"]):
                     part = slice(index * rows, (index + 1) * rows)
-                    by_shape[(rows, p.size(1))].append((p, group, part, update[part]))
-        for (rows, cols), parts in by_shape.items():
+                    shape = (rows, p.size(1), group["ns_steps"])
+                    by_shape[shape].append((p, group, part, update[part]))
+        for (rows, cols, steps), parts in by_shape.items():
             # Stacked straight into bf16, the iteration's dtype: one copy, not a stack then a cast.
             stacked = torch.empty(
                 (len(parts), rows, cols), dtype=torch.bfloat16, device=parts[0][0].device
             )
             for slot, (*_, update) in zip(stacked, parts, strict=True):
                 slot.copy_(update)
-            ortho = orthogonalise(stacked)
+            ortho = orthogonalise(stacked, steps)
             scale = shape_scale(rows, cols)
             decayed: set[int] = set()
             for (p, group, part, _), o in zip(parts, ortho, strict=True):

@@ -113,6 +113,7 @@ def set_hyperparameters(optimizer: Optimizer, config: TrainConfig) -> None:
             group["peak_lr"] = config.muon_lr
             group["momentum"] = config.muon_momentum
             group["weight_decay"] = config.muon_weight_decay
+            group["ns_steps"] = config.muon_ns_steps
         else:
             group["peak_lr"] = config.lr
             group["betas"] = (config.beta1, config.beta2)
