@@ -16,6 +16,7 @@ it. Rank 0 alone prints and writes files.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import signal
@@ -89,16 +90,29 @@ def train(config: TrainConfig) -> TrainResult:
         raise MllmError("torchrun with MPS is not supported (no MPS collectives): run one process")
     init_distributed(device, dist_info)
     try:
-        run = build_run(decide_run(config, dist_info), device, dist_info)
-        try:
-            with StopOnSignal() as stop, run.display.running(run.step):
-                result = run_loop(run, stop)
-        finally:
-            run.metrics.close()
-        leave_together(dist_info)
-        return result
+        return train_in_group(config, device, dist_info)
     finally:
+        # The run's DDP / FSDP wrappers hold the process group: they are freed (on return from
+        # train_in_group, and by this collection) before the group is destroyed. Freed after
+        # it, a gloo group's destructor once hung a 2-process run at exit (ProcessGroupGloo
+        # waiting on its own lock from the DDP Reducer's destructor).
+        gc.collect()
         shutdown_distributed()
+
+
+def train_in_group(
+    config: TrainConfig, device: torch.device, dist_info: DistributedInfo
+) -> TrainResult:
+    """train's work once the process group (if any) is up: build the run, run it, and leave
+    together with the other ranks."""
+    run = build_run(decide_run(config, dist_info), device, dist_info)
+    try:
+        with StopOnSignal() as stop, run.display.running(run.step):
+            result = run_loop(run, stop)
+    finally:
+        run.metrics.close()
+    leave_together(dist_info)
+    return result
 
 
 # --- Building: data, model, optimizer, and a checkpoint's state ----------------------------------
