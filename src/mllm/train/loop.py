@@ -95,8 +95,9 @@ def train(config: TrainConfig) -> TrainResult:
         # The run's DDP / FSDP wrappers hold the process group: they are freed (on return from
         # train_in_group, and by this collection) before the group is destroyed. Freed after
         # it, a gloo group's destructor once hung a 2-process run at exit (ProcessGroupGloo
-        # waiting on its own lock from the DDP Reducer's destructor).
-        gc.collect()
+        # waiting on its own lock from the DDP Reducer's destructor). One process: no group.
+        if dist_info.enabled:
+            gc.collect()
         shutdown_distributed()
 
 
